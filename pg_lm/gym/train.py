@@ -1,0 +1,172 @@
+"""``pg-lm gym``: one training loop for REINFORCE, REINFORCE with baseline, A2C and PPO.
+
+    collect a rollout -> algo.advantage (core: discounted_returns / gae) -> update (core
+    losses) -> log -> [early stop on --target-return] ... -> evaluate -> write outputs
+
+The algorithms differ only in the :class:`~pg_lm.gym.algos.Algo` row they bring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pg_lm.run import RunWriter, parse_config, to_dict
+
+from .algos import ALGOS, Algo, update
+from .config import GymConfig, resolve
+from .envs import evaluate, make_envs
+from .policy import ActorCritic, policy_spec
+from .rollout import Collector, RewardScaler
+
+RECENT = 20  # episodes in the "recent training return" (progress bar, early-stop trigger)
+
+
+class UsageError(ValueError):
+    """Bad user input (flags, env, spaces): the CLI prints it as one line and exits 2."""
+
+
+def train(cfg: GymConfig) -> dict:
+    """Train ``cfg.algo`` on ``cfg.env``, write the run's outputs, return the summary.
+
+    Seeding happens inside a forked RNG and the thread count is restored, so calling
+    this does not change the caller's torch state.
+    """
+    cfg = resolve(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return _train(cfg, ALGOS[cfg.algo])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: GymConfig, algo: Algo) -> dict:
+    try:
+        envs = make_envs(cfg.env, cfg.num_envs, cfg.vector_mode)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        try:
+            spec = policy_spec(envs.single_observation_space, envs.single_action_space, cfg.hidden,
+                               algo.critic, cfg.obs_norm, cfg.log_std_init)
+        except ValueError as e:
+            raise UsageError(f"{cfg.env}: {e}") from None
+        policy = ActorCritic(spec)
+        scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_norm else None
+        collector = Collector(envs, policy, cfg.seed, scaler)
+        writer = RunWriter(cfg.output_dir)
+        writer.write_json("config.json", to_dict(cfg))
+        start = time.perf_counter()
+        hit = _loop(cfg, algo, policy, collector, writer, start)
+        return _finish(cfg, policy, collector, writer, start, hit)
+    finally:
+        envs.close()
+
+
+def _recent(collector: Collector) -> float:
+    eps = list(collector.episodes)[-RECENT:]
+    return float(np.mean([r for r, _ in eps])) if eps else float("nan")
+
+
+def _log_row(collector: Collector, stats: dict, lr: float, elapsed: float) -> dict:
+    row: dict = {"env_steps": collector.steps}
+    new = collector.pop_episodes()
+    if new:
+        row["charts/episodic_return"] = float(np.mean([r for r, _ in new]))
+        row["charts/episodic_length"] = float(np.mean([n for _, n in new]))
+    row.update(stats)
+    row["charts/lr"] = lr
+    row["perf/steps_per_s"] = collector.steps / max(elapsed, 1e-9)
+    return row
+
+
+def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, collector: Collector, writer: RunWriter,
+          start: float) -> dict | None:
+    """Train until ``total_steps`` (or the target). Returns the early-stop record, if any."""
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    bar = tqdm(total=cfg.total_steps, unit="step", disable=not cfg.progress, desc=f"{cfg.algo} {cfg.env}")
+    hit = None
+    while collector.steps < cfg.total_steps:
+        lr = cfg.lr * (1.0 - collector.steps / cfg.total_steps) if cfg.anneal_lr else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        before = collector.steps
+        batch = collector.collect(cfg.n_steps, complete=algo.complete_episodes)
+        adv, returns = algo.advantage(batch, cfg.gamma, cfg.gae_lambda)  # (B, T) each
+        stats = update(policy, opt, batch, adv, returns, cfg, algo)
+        row = _log_row(collector, stats, lr, time.perf_counter() - start)
+        writer.log(row, step=collector.steps)
+        bar.update(collector.steps - before)
+        bar.set_postfix(ret=f"{_recent(collector):.1f}", sps=f"{row['perf/steps_per_s']:.0f}", refresh=False)
+        if cfg.target_return is not None and _recent(collector) >= cfg.target_return:
+            # the stochastic training return only triggers the check; the deterministic eval decides
+            returns_eval = evaluate(policy, cfg.env, cfg.eval_episodes, cfg.seed + 10_000, cfg.vector_mode)
+            if returns_eval.mean() >= cfg.target_return:
+                hit = dict(steps=collector.steps, seconds=time.perf_counter() - start, returns=returns_eval)
+                break
+    bar.close()
+    return hit
+
+
+def _finish(cfg: GymConfig, policy: ActorCritic, collector: Collector, writer: RunWriter, start: float,
+            hit: dict | None) -> dict:
+    train_s = time.perf_counter() - start
+    # an early stop already evaluated this very policy: reuse it rather than run it again
+    returns = hit["returns"] if hit else evaluate(policy, cfg.env, cfg.eval_episodes, cfg.seed + 10_000,
+                                                  cfg.vector_mode)
+    summary = {
+        "env": cfg.env, "algo": cfg.algo, "seed": cfg.seed, "output_dir": cfg.output_dir,
+        "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+        "eval/episodes": len(returns), "train/return_mean": _recent(collector),
+        "env_steps": collector.steps, "train_s": train_s, "wall_s": time.perf_counter() - start,
+        "target_return": cfg.target_return,
+        "steps_to_target": hit["steps"] if hit else None,
+        "time_to_target_s": hit["seconds"] if hit else None,
+    }
+    writer.write_json("summary.json", summary)
+    torch.save({"spec": policy.spec, "state_dict": policy.state_dict(), "config": to_dict(cfg)},
+               writer.dir / "policy.pt")
+    writer.plot("charts/episodic_return", "returns.png", x_key="env_steps", title=f"{cfg.algo} on {cfg.env}",
+                extra={"eval (deterministic)": [(collector.steps, summary["eval/return_mean"])]})
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> GymConfig:
+    """Flags -> :class:`GymConfig`. A bad flag or value raises :class:`UsageError` with a
+    one-line message (``parse_config`` reports through argparse, which prints the whole usage)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse_config(GymConfig, argv, prog="pg-lm gym")
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        lines = err.getvalue().strip().splitlines()
+        msg = e.code if isinstance(e.code, str) else (lines[-1] if lines else f"exit status {e.code}")
+        raise UsageError(msg.split("error: ", 1)[-1]) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pg-lm gym [flags]``: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
+    try:
+        summary = train(parse_args(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    target = (f"; reached {summary['target_return']} after {summary['steps_to_target']} steps "
+              f"({summary['time_to_target_s']:.1f} s)" if summary["steps_to_target"] else "")
+    print(f"{summary['algo']} {summary['env']}: eval return {summary['eval/return_mean']:.1f} "
+          f"± {summary['eval/return_std']:.1f} over {summary['eval/episodes']} episodes after "
+          f"{summary['env_steps']} steps in {summary['wall_s']:.1f} s{target} -> {summary['output_dir']}")
+    return 0

@@ -1,0 +1,8 @@
+"""The language-model backend: a Hugging Face causal LM as the policy."""
+
+from .config import LMConfig
+from .rewards import RewardError, RewardModel, RewardSet
+from .sampling import Rollout
+from .train import train
+
+__all__ = ["LMConfig", "RewardError", "RewardModel", "RewardSet", "Rollout", "train"]

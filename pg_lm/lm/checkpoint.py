@@ -1,0 +1,56 @@
+"""Checkpoints in Hugging Face format plus the trainer state that ``--resume`` needs.
+
+``output_dir/checkpoint-last/`` holds the model (``save_pretrained``: the adapter alone
+under LoRA), the tokenizer, ``value_head.pt`` when there is a value head, and
+``trainer_state.pt`` (step, optimizer, scheduler, KL coefficient, summary so far).
+It is written to a temporary folder and swapped in, so a run that dies mid-save
+keeps the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint-last"
+
+
+def checkpoint_dir(output_dir: str) -> Path:
+    return Path(output_dir) / CHECKPOINT
+
+
+def save_checkpoint(trainer, summary: dict) -> Path:
+    acc = trainer.acc
+    final = checkpoint_dir(trainer.cfg.output_dir)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy = acc.unwrap_model(trainer.policy)
+        policy.lm.save_pretrained(tmp, safe_serialization=True)
+        trainer.tok.save_pretrained(tmp)
+        if policy.value_head is not None:
+            torch.save(policy.value_head.state_dict(), tmp / "value_head.pt")
+        state = {"step": trainer.step, "optimizer": trainer.opt.state_dict(), "scheduler": trainer.sched.state_dict(),
+                 "kl_coef": trainer.kl_coef, "summary": summary, "wall_s": trainer.elapsed()}
+        torch.save(state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_trainer_state(trainer, path: Path) -> None:
+    """Restore step, optimizer, scheduler and KL coefficient from ``path/trainer_state.pt``."""
+    state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
+    trainer.step = state["step"]
+    trainer.opt.load_state_dict(state["optimizer"])
+    trainer.sched.load_state_dict(state["scheduler"])
+    trainer.kl_coef = state["kl_coef"]
+    trainer.resumed_summary = state.get("summary", {})
+    trainer.prior_wall_s = state.get("wall_s", 0.0)

@@ -1,0 +1,117 @@
+"""The language-model trainer's configuration: one flat dataclass, one flag per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pg_lm.core import AGG_MODES, KL_ESTIMATORS
+from pg_lm.run.config import arg
+
+ESTIMATORS = ("reinforce", "gae")
+BASELINES = ("none", "value", "batch_mean", "group_mean", "loo")
+
+
+@dataclass
+class LMConfig:
+    """RL fine-tuning of a causal language model with policy gradients."""
+
+    # what to train
+    model: str = arg("smollm2-135m-instruct", "HF model id, local path, .gguf file, or the embedded default")
+    task: str = arg("arithmetic", "built-in task (prompts + reward) when no dataset/reward is passed in Python", ("arithmetic",))
+    output_dir: str = arg("runs/lm", "where config, metrics, samples, summary, plot and checkpoints go")
+    seed: int = arg(0, "random seed (prompt order, sampling, initialisation)")
+    # sampling
+    max_steps: int = arg(200, "optimizer steps (each: sample, score, update)")
+    max_seconds: float | None = arg(None, "stop training after this many seconds (final evaluation still runs)")
+    prompts_per_step: int = arg(4, "prompts per step per process")
+    samples_per_prompt: int = arg(4, "G: completions sampled per prompt")
+    max_new_tokens: int = arg(24, "completion token limit during training")
+    max_prompt_length: int = arg(512, "prompts longer than this (in tokens, after the chat template) are an error")
+    temperature: float = arg(1.0, "sampling temperature (the policy's log-probs use the same temperature)")
+    top_p: float = arg(1.0, "nucleus sampling threshold")
+    top_k: int = arg(0, "top-k sampling (0 = off)")
+    chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
+    # estimator
+    estimator: str = arg("reinforce", "advantage estimator: token-level REINFORCE or GAE with a value head", ESTIMATORS)
+    baseline: str = arg("loo", "REINFORCE baseline (value = learned value head); ignored by gae, whose critic is the value head", BASELINES)
+    scale_rewards: bool = arg(False, "divide advantages by the group's reward std (GRPO); needs baseline group_mean")
+    whiten_advantages: bool = arg(False, "whiten advantages over the batch (mean 0, std 1)")
+    gamma: float = arg(1.0, "discount per token")
+    lam: float = arg(0.95, "GAE λ")
+    ppo_epochs: int = arg(1, "passes over each rollout batch")
+    num_minibatches: int = arg(1, "optimizer steps per pass (the rollout is split into this many)")
+    micro_batch_size: int | None = arg(None, "rows per forward/backward (gradient accumulation); None = whole minibatch")
+    clip_low: float | None = arg(None, "PPO clip ε below 1 (None = no clipping)")
+    clip_high: float | None = arg(None, "PPO clip ε above 1 (defaults to clip_low when clip_low is set)")
+    value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off)")
+    vf_coef: float = arg(0.1, "value-loss coefficient")
+    loss_agg: str = arg("token-mean", "how per-token losses reduce to a scalar", AGG_MODES)
+    # regularisation
+    kl_coef: float = arg(0.0, "KL-to-reference coefficient β (0 = no reference model)")
+    kl_estimator: str = arg("k3", "KL estimator (k1 only in the reward)", KL_ESTIMATORS)
+    kl_in: str = arg("loss", "where the KL penalty goes: per-token in the reward, or in the loss", ("reward", "loss"))
+    kl_target: float | None = arg(None, "adaptive KL: target KL per sequence (None = fixed coefficient)")
+    kl_horizon: float = arg(10000.0, "adaptive KL horizon (Ziegler et al. 2019)")
+    entropy_coef: float = arg(0.0, "entropy bonus coefficient")
+    overlong_penalty: float = arg(0.0, "added to the reward of completions that hit max_new_tokens without EOS")
+    # optimisation
+    lr: float = arg(1e-5, "learning rate (AdamW)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    warmup_steps: int = arg(0, "linear learning-rate warm-up steps")
+    max_grad_norm: float | None = arg(1.0, "gradient clipping (None = off)")
+    lora_r: int = arg(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: int = arg(32, "LoRA α")
+    lora_dropout: float = arg(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = arg(["all-linear"], "LoRA target modules (names, or all-linear)")
+    mixed_precision: str = arg("no", "Accelerate mixed precision (fp32 master weights, fp32 log-softmax)", ("no", "bf16", "fp16"))
+    # evaluation, logging, checkpoints
+    eval_every: int = arg(0, "greedy held-out evaluation every N steps (0 = only before and after)")
+    eval_size: int = arg(100, "held-out prompts evaluated")
+    eval_max_new_tokens: int = arg(16, "completion token limit in evaluation (greedy)")
+    eval_batch_size: int = arg(50, "prompts per evaluation generate call")
+    log_every: int = arg(1, "write metrics every N steps")
+    samples_every: int = arg(10, "write samples.jsonl rows every N steps")
+    save_every: int = arg(0, "checkpoint every N steps (0 = only at the end)")
+    save_model: bool = arg(True, "write the final checkpoint")
+    resume: bool = arg(False, "continue from output_dir/checkpoint-last")
+    report_to: str = arg("none", "extra tracker through Accelerate", ("none", "tensorboard", "wandb"))
+    progress: bool = arg(True, "show a progress bar")
+
+    def __post_init__(self):
+        if self.clip_high is None and self.clip_low is not None:
+            self.clip_high = self.clip_low
+        positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+                    "num_minibatches", "eval_max_new_tokens", "eval_batch_size", "log_every", "max_prompt_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "temperature", "top_p"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "entropy_coef", "vf_coef", "lora_r", "eval_size", "eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.baseline in ("group_mean", "loo") and self.estimator == "reinforce" and self.samples_per_prompt < 2:
+            raise ValueError(f"--baseline {self.baseline} needs --samples-per-prompt >= 2")
+        if self.scale_rewards and (self.baseline != "group_mean" or self.estimator != "reinforce"):
+            raise ValueError("--scale-rewards needs --estimator reinforce --baseline group_mean")
+        if self.kl_estimator == "k1" and self.kl_in == "loss" and self.kl_coef > 0:
+            raise ValueError("--kl-estimator k1 belongs in the reward (its gradient as a loss is wrong): use --kl-in reward")
+        if self.kl_target is not None and self.kl_coef <= 0:
+            raise ValueError("--kl-target (adaptive KL) needs an initial --kl-coef > 0")
+        rows = self.prompts_per_step * self.samples_per_prompt
+        if rows % self.num_minibatches:
+            raise ValueError(f"{rows} rows per step do not split into --num-minibatches {self.num_minibatches}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ValueError(f"--micro-batch-size must be > 0, got {self.micro_batch_size}")
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.estimator == "gae" or self.baseline == "value"
+
+    @property
+    def reuses_rollout(self) -> bool:
+        """Whether a rollout feeds more than one optimizer step (then π_old must be stored)."""
+        return self.ppo_epochs > 1 or self.num_minibatches > 1

@@ -1,0 +1,93 @@
+"""From a scored rollout to per-token advantages: the one place the estimators differ.
+
+``--estimator reinforce``: return-to-go per token (γ, default 1) minus a baseline.
+``--estimator gae``: GAE(γ, λ) over the value head's estimates. Both call the core.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pg_lm.core import (
+    batch_mean_baseline,
+    discounted_returns,
+    gae,
+    group_mean_baseline,
+    group_std,
+    kl_estimate,
+    leave_one_out_baseline,
+    masked_whiten,
+)
+
+
+def token_rewards(
+    task_rewards: Tensor,  # (B, T) dense task reward (scalar rewards sit on the last token)
+    mask: Tensor,  # (B, T)
+    logp: Tensor | None,  # (B, T) π_old log-probs, needed for a KL penalty in the reward
+    ref_logp: Tensor | None,  # (B, T)
+    kl_coef: float,
+    kl_estimator: str,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token reward ``r_t - β KL_t`` (Ziegler et al. 2019) and the per-token KL (or None)."""
+    if ref_logp is None or kl_coef == 0.0:
+        return task_rewards, None
+    kl = kl_estimate(logp, ref_logp, kl_estimator) * mask  # (B, T)
+    return task_rewards - kl_coef * kl, kl
+
+
+def advantages(
+    estimator: str,
+    baseline: str,
+    rewards: Tensor,  # (B, T) per-token rewards
+    mask: Tensor,  # (B, T)
+    values: Tensor | None,  # (B, T) V(s_t) from the value head, or None
+    group_size: int,  # G
+    gamma: float,
+    lam: float,
+    scale_rewards: bool = False,
+    eps: float = 1e-4,
+) -> tuple[Tensor, Tensor | None]:
+    """-> (advantages (B, T), value targets (B, T) or None when there is no value head).
+
+    Sequence-level baselines (batch / group mean, leave-one-out) are computed from the
+    return of the whole completion ``G_0`` and subtracted from every token's
+    return-to-go; with γ = 1 and no per-token rewards that is exactly GRPO/RLOO.
+    """
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("the gae estimator needs values from a value head")
+        return gae(rewards, values, mask, gamma, lam)
+    returns = discounted_returns(rewards, mask, gamma)  # (B, T)
+    if baseline == "value":
+        if values is None:
+            raise ValueError("baseline 'value' needs values from a value head")
+        return (returns - values) * mask, returns
+    if baseline == "none":
+        return returns, None
+    g0 = returns[:, 0]  # (B,) the return of each completion
+    if baseline == "batch_mean":
+        b = batch_mean_baseline(g0)
+    elif baseline == "group_mean":
+        b = group_mean_baseline(g0, group_size)
+    elif baseline == "loo":
+        b = leave_one_out_baseline(g0, group_size)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}")
+    adv = (returns - b[:, None]) * mask  # (B, T)
+    if scale_rewards:
+        adv = adv / (group_std(g0, group_size)[:, None] + eps)
+    return adv, None
+
+
+def whiten(adv: Tensor, mask: Tensor) -> Tensor:
+    """Batch whitening of advantages over real tokens."""
+    return masked_whiten(adv, mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 - Var(R - V) / Var(R)`` over real tokens (1 = perfect critic, <= 0 = useless)."""
+    m = mask.bool()
+    r, v = returns[m], values[m]
+    var = r.var() if r.numel() > 1 else torch.tensor(0.0)
+    return float("nan") if var == 0 else float(1 - (r - v).var() / var)

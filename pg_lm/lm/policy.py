@@ -1,0 +1,118 @@
+"""The language-model policy: a causal LM, an optional value head, optional LoRA.
+
+Loss-side forward passes compute the vocabulary projection only at completion
+positions (``logits_to_keep``): logits over the prompt would be wasted work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pg_lm.core import entropy_from_logits
+
+
+class Policy(nn.Module):
+    """A causal LM (π_θ) with an optional scalar value head sharing its trunk.
+
+    The value head is a linear layer on the last hidden state (Ziegler et al. 2019);
+    ``values[:, t]`` estimates the return from the state *before* completion token t.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.value_head = None
+        if value_head:
+            hidden = lm.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, P + T) left-padded prompt, then right-padded completion
+        attention_mask: Tensor,  # (B, P + T)
+        num_completion: int,  # T
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Log-probs of the last T tokens, and values / entropies there. Each (B, T), fp32."""
+        T = num_completion
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() does
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=T + 1,
+            output_hidden_states=self.value_head is not None,
+            use_cache=False,
+        )
+        logits = out.logits[:, -T - 1 : -1].float()  # (B, T, V): position p predicts token p + 1
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = token_logprobs(logits, input_ids[:, -T:])  # (B, T)
+        values = None
+        if self.value_head is not None:
+            h = out.hidden_states[-1][:, -T - 1 : -1]  # (B, T, H)
+            values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
+        entropy = entropy_from_logits(logits) if with_entropy else None  # (B, T)
+        return logp, values, entropy
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log softmax(logits)[tokens]`` in fp32 without materialising a second (B, T, V) tensor.
+
+    (B, T, V), (B, T) -> (B, T).
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def load_policy(
+    model_name: str,
+    value_head: bool = False,
+    lora_r: int = 0,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules: list[str] | str = "all-linear",
+    dtype: torch.dtype = torch.float32,
+    resume_dir: str | None = None,
+):
+    """Load (policy, tokenizer). ``model_name``: the embedded default, a Hub id or a local path.
+
+    The tokenizer pads on the left (generation appends on the right) and gets a pad
+    token if it has none (masks come from lengths, so pad == EOS is harmless).
+    ``resume_dir``: a checkpoint written by the trainer (full model, or LoRA adapter
+    over ``model_name``, plus ``value_head.pt``) to continue from.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model
+
+    path = resolve_model(model_name)
+    if resume_dir is not None and lora_r == 0:
+        path = resume_dir  # a full checkpoint replaces the base weights
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    lm.generation_config.pad_token_id = tok.pad_token_id
+    if lora_r > 0 and resume_dir is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, resume_dir, is_trainable=True)
+    elif lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        target = lora_target_modules if isinstance(lora_target_modules, str) or len(lora_target_modules) != 1 else lora_target_modules[0]
+        lm = get_peft_model(
+            lm, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           target_modules=target, task_type="CAUSAL_LM")
+        )
+    policy = Policy(lm, value_head=value_head)
+    if value_head and resume_dir is not None:
+        policy.value_head.load_state_dict(torch.load(f"{resume_dir}/value_head.pt", weights_only=True))
+    return policy, tok

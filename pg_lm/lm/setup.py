@@ -1,0 +1,74 @@
+"""Building a trainer's parts: accelerator, policy (+LoRA, +value head), reference, optimizer, writer.
+
+Accelerate places everything. On a machine without a GPU, ``Accelerator(cpu=True)``
+is required: under ``accelerate launch`` / ``torchrun`` a plain ``Accelerator()``
+there silently runs independent single-process jobs instead of one gloo group.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from pg_lm.run import RunWriter, to_dict
+
+from .checkpoint import checkpoint_dir, load_trainer_state
+from .policy import load_policy
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kw = {}
+    if cfg.report_to != "none":
+        kw.update(log_with=cfg.report_to, project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=f"{cfg.output_dir}/logs"))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, **kw)
+
+
+def _optimizer(params, cfg):
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:  # the fused kernel is much faster on CPU and GPU alike; not every build has it
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, **kw)
+
+
+def build(trainer) -> None:
+    """Fill ``trainer`` with acc, tok, policy, ref, params, opt, sched, writer (resuming if asked)."""
+    from accelerate.utils import set_seed
+
+    cfg = trainer.cfg
+    trainer.acc = acc = make_accelerator(cfg)
+    set_seed(cfg.seed + acc.process_index, device_specific=False)
+    resume = checkpoint_dir(cfg.output_dir) if cfg.resume else None
+    if resume is not None and not (resume / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {resume}")
+    policy, trainer.tok = load_policy(
+        cfg.model, value_head=cfg.uses_value_head, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+        resume_dir=str(resume) if resume else None,
+    )
+    trainer.ref = None
+    if (cfg.kl_coef > 0) and cfg.lora_r == 0:  # LoRA uses the base with the adapter disabled instead
+        ref = copy.deepcopy(policy)
+        ref.value_head = None
+        ref.requires_grad_(False)
+        trainer.ref = acc.prepare_model(ref.eval(), evaluation_mode=True)
+    trainer.params = [p for p in policy.parameters() if p.requires_grad]
+    opt = _optimizer(trainer.params, cfg)
+    warm = max(cfg.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
+    trainer.resumed_summary, trainer.prior_wall_s = {}, 0.0
+    if resume is not None:
+        load_trainer_state(trainer, resume)
+    trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
+                               trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
+    if cfg.report_to != "none":
+        acc.init_trackers("pg_lm", config={k: str(v) for k, v in to_dict(cfg).items()})
+    trainer.writer.write_json("config.json", {**to_dict(cfg), "num_processes": acc.num_processes})
+    t0 = time.perf_counter()
+    trainer.elapsed = lambda: time.perf_counter() - t0 + trainer.prior_wall_s

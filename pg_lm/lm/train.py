@@ -1,0 +1,44 @@
+"""``pg-lm lm``: train a causal LM on a built-in task from the command line, or
+:func:`train` from Python with your own prompts and reward functions."""
+
+from __future__ import annotations
+
+import sys
+
+from pg_lm.run import parse_config
+
+from .config import LMConfig
+from .rewards import RewardError
+
+
+def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None) -> dict:
+    """Train and return the summary. Without datasets/rewards the built-in ``cfg.task`` is used."""
+    from pg_lm.tasks import TASKS
+
+    from .trainer import Trainer
+
+    if train_dataset is None or reward_fns is None:
+        task_train, task_eval, task_rewards = TASKS[cfg.task](num_eval=cfg.eval_size, seed=0)
+        train_dataset = task_train if train_dataset is None else train_dataset
+        eval_dataset = task_eval if eval_dataset is None else eval_dataset
+        reward_fns = task_rewards if reward_fns is None else reward_fns
+    return Trainer(cfg, reward_fns, train_dataset, eval_dataset, reward_weights).train()
+
+
+def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
+    """Parse flags into an LMConfig, call ``fn(cfg)``; user errors become one line on stderr, exit 2."""
+    cfg = parse_config(LMConfig, argv, prog=prog, **defaults)
+    try:
+        fn(cfg)
+    except (ValueError, RewardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, "pg-lm lm", train)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

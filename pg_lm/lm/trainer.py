@@ -1,0 +1,256 @@
+"""ONE training loop for language models: sample -> score -> estimate -> update.
+
+REINFORCE-with-baseline and GAE/PPO differ only in ``estimate.advantages`` and in
+whether a value head exists. Accelerate does placement, mixed precision and
+multi-process; the loss is normalised by *global* token counts so that the gradient
+does not depend on how a batch is split into micro-batches or processes.
+
+Deliberately left out: sequence packing, vLLM-style inference engines, reward
+models running on other processes, off-policy corrections for stale rollouts.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from pg_lm.core import aggregate, kl_estimate, masked_mean, policy_loss, value_loss
+
+from . import estimate
+from .checkpoint import save_checkpoint
+from .config import LMConfig
+from .evaluate import evaluate
+from .rewards import RewardSet
+from .sampling import Rollout, sample
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``train_dataset`` (a ``datasets.Dataset`` with a ``prompt``
+    column; other columns reach the reward functions) with ``reward_fns``."""
+
+    def __init__(self, cfg: LMConfig, reward_fns, train_dataset, eval_dataset=None, reward_weights=None):
+        from .setup import build
+
+        if len(train_dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        if "prompt" not in train_dataset.column_names:
+            raise ValueError(f"the training dataset needs a 'prompt' column; it has {train_dataset.column_names}")
+        self.cfg = cfg
+        self.rewards = RewardSet(reward_fns, reward_weights)
+        self.train_ds, self.eval_ds = train_dataset, eval_dataset
+        self.kl_coef = cfg.kl_coef
+        self.step = 0
+        build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
+
+    # ------------------------------------------------------------------ data
+    def _prompts(self, step: int) -> tuple[list[str], dict]:
+        """This process's prompts for ``step``: a seeded permutation per epoch, sliced by rank."""
+        n, per = len(self.train_ds), self.cfg.prompts_per_step
+        world, rank = self.acc.num_processes, self.acc.process_index
+        start = step * per * world + rank * per
+        idx = []
+        for k in range(start, start + per):
+            epoch, pos = divmod(k, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+            idx.append(int(perm[pos]))
+        rows = self.train_ds.select(idx)
+        cols = {c: rows[c] for c in rows.column_names if c != "prompt"}
+        return rows["prompt"], cols
+
+    # ------------------------------------------------------------------ rollout
+    def _forward(self, batch: Rollout, grad: bool, model=None):
+        model = model or self.policy
+        ctx = nullcontext() if grad else torch.no_grad()
+        with ctx, self.acc.autocast():
+            return model(batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
+                         temperature=self.cfg.temperature, with_entropy=grad)
+
+    def _ref_logp(self, batch: Rollout) -> Tensor | None:
+        if self.kl_coef <= 0 and self.cfg.kl_target is None:
+            return None
+        if self.ref is not None:
+            return self._forward(batch, grad=False, model=self.ref)[0]
+        with self.acc.unwrap_model(self.policy).lm.disable_adapter():  # LoRA: the base is the reference
+            return self._forward(batch, grad=False)[0]
+
+    def rollout(self) -> tuple[Rollout, dict]:
+        cfg = self.cfg
+        prompts, cols = self._prompts(self.step)
+        lm = self.acc.unwrap_model(self.policy).lm
+        t0 = time.perf_counter()
+        self.policy.eval()
+        with self.acc.autocast():
+            batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
+                           cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
+                           max_prompt_length=cfg.max_prompt_length)
+        gen_s = time.perf_counter() - t0
+        mask = batch.completion_mask
+        per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
+        dense = dense.to(mask.device)
+        if cfg.overlong_penalty:
+            last = (batch.lengths - 1).clamp(min=0)
+            dense[batch.truncated, last[batch.truncated]] += cfg.overlong_penalty
+        batch.scores = dense.sum(1)  # (B,)
+        batch.ref_logp = self._ref_logp(batch)
+        if cfg.reuses_rollout or cfg.uses_value_head or batch.ref_logp is not None:
+            batch.logp, batch.values, _ = self._forward(batch, grad=False)
+        rewards, kl = estimate.token_rewards(dense, mask, batch.logp, batch.ref_logp,
+                                             self.kl_coef if cfg.kl_in == "reward" else 0.0, cfg.kl_estimator)
+        if kl is None and batch.ref_logp is not None:
+            kl = kl_estimate(batch.logp, batch.ref_logp, cfg.kl_estimator) * mask
+        batch.rewards = rewards
+        stats = {"reward/mean": batch.scores.mean(), "reward/std": batch.scores.std() if len(batch.scores) > 1 else 0.0,
+                 **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
+                 "completion/length": mask.sum(1).float().mean(), "completion/truncated_frac": batch.truncated.float().mean(),
+                 "perf/gen_s": gen_s}
+        if kl is not None:
+            stats["kl/ref"] = kl.sum(1).mean()  # per sequence
+        return batch, stats
+
+    # ------------------------------------------------------------------ update
+    def _micro_loss(self, mb: Rollout, adv: Tensor, returns: Tensor | None, n_tok: float, n_seq: float):
+        cfg = self.cfg
+        logp, values, entropy = self._forward(mb, grad=True)
+        mask = mb.completion_mask
+        old = mb.logp if mb.logp is not None else logp.detach()
+        agg = lambda x: aggregate(x, mask, cfg.loss_agg, num_tokens=n_tok, num_seqs=n_seq, norm_len=cfg.max_new_tokens)
+        pg, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high)
+        loss = agg(pg)
+        parts = {"loss/policy": loss.detach(), "policy/clip_frac": agg(clipped), "policy/entropy": agg(entropy.detach()),
+                 "policy/approx_kl": agg(0.5 * (logp.detach() - old) ** 2)}
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * agg(entropy)
+        if values is not None and returns is not None:
+            old_v = mb.values if mb.values is not None else values.detach()
+            vl = agg(value_loss(values, old_v, returns, cfg.value_clip))
+            loss = loss + cfg.vf_coef * vl
+            parts["loss/value"] = vl.detach()
+        if cfg.kl_in == "loss" and mb.ref_logp is not None and self.kl_coef > 0:
+            kl = agg(kl_estimate(logp, mb.ref_logp, cfg.kl_estimator))
+            loss = loss + self.kl_coef * kl
+            parts["loss/kl"] = kl.detach()
+        return loss, parts
+
+    def update(self, batch: Rollout, adv: Tensor, returns: Tensor | None) -> dict:
+        """ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches."""
+        cfg, acc = self.cfg, self.acc
+        B = adv.shape[0]
+        mb_rows = B // cfg.num_minibatches
+        micro = cfg.micro_batch_size or mb_rows
+        totals: dict[str, float] = {}
+        self.policy.train()
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(B) if cfg.num_minibatches > 1 else torch.arange(B)
+            for m in range(cfg.num_minibatches):
+                rows = order[m * mb_rows : (m + 1) * mb_rows]
+                # global denominators: identical loss whatever the micro-batch / process split
+                n_tok = float(acc.reduce(batch.completion_mask[rows].sum().reshape(1), "sum"))
+                n_seq = float(len(rows) * acc.num_processes)
+                chunks = rows.split(micro)
+                for i, chunk in enumerate(chunks):
+                    mb = batch.select(chunk.to(batch.prompt_ids.device))
+                    T = max(int(mb.completion_mask.sum(1).max()), 1)  # trim padding columns
+                    mb.completion_ids, mb.completion_mask = mb.completion_ids[:, :T], mb.completion_mask[:, :T]
+                    for name in ("logp", "ref_logp", "values"):
+                        if getattr(mb, name) is not None:
+                            setattr(mb, name, getattr(mb, name)[:, :T])
+                    ret = returns[chunk, :T] if returns is not None else None
+                    sync = acc.no_sync(self.policy) if i < len(chunks) - 1 else nullcontext()
+                    with sync:
+                        loss, parts = self._micro_loss(mb, adv[chunk, :T], ret, n_tok, n_seq)
+                        # DDP averages gradients over processes; the loss is already a global sum
+                        acc.backward(loss * acc.num_processes)
+                    for k, v in parts.items():
+                        totals[k] = totals.get(k, 0.0) + float(v) / (cfg.ppo_epochs * cfg.num_minibatches)
+                if cfg.max_grad_norm is not None:
+                    gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    totals["policy/grad_norm"] = float(gn)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=False)
+        return totals
+
+    def _adapt_kl(self, kl_per_seq: float) -> None:
+        """Adaptive KL controller (Ziegler et al. 2019): steer the KL toward ``kl_target``."""
+        cfg = self.cfg
+        err = max(min(kl_per_seq / cfg.kl_target - 1.0, 0.2), -0.2)
+        n = cfg.prompts_per_step * cfg.samples_per_prompt * self.acc.num_processes
+        self.kl_coef *= 1.0 + err * n / cfg.kl_horizon
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch, stats = self.rollout()
+        adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
+                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
+        if cfg.whiten_advantages:
+            adv = estimate.whiten(adv, batch.completion_mask)
+        t1 = time.perf_counter()
+        stats.update(self.update(batch, adv, returns))
+        if returns is not None and batch.values is not None:
+            stats["value/explained_var"] = estimate.explained_variance(batch.values, returns, batch.completion_mask)
+        keys = sorted(stats)  # one all-reduce for every scalar: means over processes
+        vals = self.acc.reduce(torch.tensor([float(stats[k]) for k in keys], device=self.acc.device), "mean")
+        stats = dict(zip(keys, vals.tolist()))
+        if "kl/ref" in stats and cfg.kl_target is not None:
+            self._adapt_kl(stats["kl/ref"])
+        tokens = float(self.acc.reduce(batch.completion_mask.sum().reshape(1), "sum"))
+        step_s = time.perf_counter() - t0
+        stats.update({"kl/coef": self.kl_coef, "lr": self.sched.get_last_lr()[0], "perf/step_s": step_s,
+                      "perf/train_s": time.perf_counter() - t1, "perf/tokens_per_s": tokens / step_s,
+                      "advantage/mean": float(masked_mean(adv, batch.completion_mask))})
+        self.step += 1
+        if self.step % cfg.samples_every == 0 or self.step == 1:
+            self.writer.samples([{"step": self.step, "prompt": p, "completion": c, "reward": float(r)}
+                                 for p, c, r in zip(batch.prompts, batch.completions, batch.scores)])
+        return stats
+
+    # ------------------------------------------------------------------ run
+    def evaluate(self) -> dict:
+        return evaluate(self, self.eval_ds)
+
+    def train(self) -> dict:
+        """Run to ``max_steps`` (or ``max_seconds``); returns the summary written to summary.json."""
+        from tqdm.auto import tqdm
+
+        cfg, acc, t_start = self.cfg, self.acc, time.perf_counter()
+        steps_at_start = self.step
+        summary = dict(self.resumed_summary)
+        if self.eval_ds is not None and "eval/reward_before" not in summary:
+            summary["eval/reward_before"] = self.evaluate()["eval/reward"]
+            self.writer.log({"eval/reward": summary["eval/reward_before"]}, step=self.step)
+            acc.print(f"eval before training: reward {summary['eval/reward_before']:.3f}")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process),
+                   desc="pg_lm", dynamic_ncols=True)
+        while self.step < cfg.max_steps:
+            if cfg.max_seconds is not None and self.elapsed() > cfg.max_seconds:
+                acc.print(f"stopping at step {self.step}: --max-seconds {cfg.max_seconds} reached")
+                break
+            stats = self.train_step()
+            if self.eval_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                stats.update(self.evaluate())
+            if self.step % cfg.log_every == 0 or "eval/reward" in stats:
+                self.writer.log({**stats, "wall_s": self.elapsed()}, step=self.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", tok_s=f"{stats['perf/tokens_per_s']:.0f}")
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                save_checkpoint(self, summary)
+        bar.close()
+        if self.eval_ds is not None:
+            summary["eval/reward_after"] = self.evaluate()["eval/reward"]
+            self.writer.log({"eval/reward": summary["eval/reward_after"]}, step=self.step)
+            acc.print(f"eval after training: reward {summary['eval/reward_after']:.3f} "
+                      f"(before {summary['eval/reward_before']:.3f})")
+        summary.update({"train/steps": self.step, "wall_s": self.elapsed(), "train/steps_this_run": self.step - steps_at_start,
+                        "num_processes": acc.num_processes, "model": cfg.model})
+        if cfg.save_model:
+            save_checkpoint(self, summary)
+        self.writer.write_json("summary.json", summary)
+        rows = self.writer.read_metrics() if acc.is_main_process else []
+        evals = [(r["step"], r["eval/reward"]) for r in rows if r.get("eval/reward") is not None]
+        self.writer.plot("reward/mean", "reward.png", title="training reward", extra={"eval/reward (greedy, held-out)": evals})
+        acc.end_training()
+        return summary

@@ -1,0 +1,119 @@
+"""Flat config dataclasses <-> command-line flags <-> YAML files.
+
+A config is a dataclass whose every field is declared with :func:`arg`, which takes
+its help text, so the documentation lives where the field is declared. Field
+``foo_bar`` becomes flag ``--foo-bar``; ``--config file.yaml`` loads the same fields
+(flags given on the command line win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def arg(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """Declare a config field with its default, help text and allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) of an annotation like ``float | None`` or ``list[str]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _none_or(fn):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null") else fn(s)
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the dataclass ``cls``."""
+    p = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=str, default=None, help="YAML or JSON file with any of these fields")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, is_list = _base_type(hints[f.name])
+        conv = _parse_bool if tp is bool else tp
+        kw: dict[str, Any] = dict(help=f.metadata.get("help", ""), default=argparse.SUPPRESS)
+        kw["type"] = _none_or(conv)
+        if is_list:
+            kw["nargs"] = "*"
+        if tp is bool:
+            kw.update(nargs="?", const=True)
+        if f.metadata.get("choices"):
+            kw["choices"] = list(f.metadata["choices"]) + ([None] if f.default is None else [])
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return p
+
+
+def load_file(path: str | Path) -> dict:
+    text = Path(path).read_text()
+    if str(path).endswith(".json"):
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def from_dict(cls: type[C], values: dict, source: str = "config") -> C:
+    """Build ``cls`` from a dict; an unknown key is a clear error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    clean = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(clean) - names)
+    if unknown:
+        raise SystemExit(f"error: unknown field(s) in {source}: {', '.join(unknown)}")
+    return cls(**clean)
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None = None, **defaults: Any) -> C:
+    """Parse flags into ``cls``. Precedence: flags > ``--config`` file > ``defaults`` > field defaults.
+
+    Validation errors raised by ``cls.__post_init__`` (ValueError) exit with a one-line
+    message instead of a traceback.
+    """
+    parser = build_parser(cls, prog=prog)
+    ns = vars(parser.parse_args(argv))
+    values = dict(defaults)
+    cfg_path = ns.pop("config", None)
+    if cfg_path:
+        try:
+            values.update({k.replace("-", "_"): v for k, v in load_file(cfg_path).items()})
+        except OSError as e:
+            parser.error(f"cannot read --config {cfg_path}: {e}")
+    values.update(ns)
+    try:
+        return from_dict(cls, values, source=cfg_path or "defaults")
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

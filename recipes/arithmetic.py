@@ -1,0 +1,32 @@
+"""Teach the embedded SmolLM2-135M-Instruct two-digit addition with RL.
+
+Prompts are "What is 23 + 45?"; the reward is 1 when the completion's last number is
+the sum. Held-out greedy accuracy is measured before and after training. Run with no
+arguments for the default (about 10 minutes on a 2-core CPU); every LMConfig field is
+a flag (`python recipes/arithmetic.py --help`), e.g. `--estimator gae` or `--lora-r 16`.
+"""
+
+import sys
+
+from pg_lm.lm.train import run_cli, train
+
+# The recipe's defaults (flags override them). Leave-one-out baseline over 4 samples
+# per prompt (RLOO), full fine-tuning in bf16 autocast with fp32 master weights.
+DEFAULTS = dict(
+    task="arithmetic",
+    output_dir="runs/arithmetic",
+    max_steps=400,
+    max_seconds=560.0,
+    prompts_per_step=4,
+    samples_per_prompt=4,
+    max_new_tokens=24,
+    estimator="reinforce",
+    baseline="loo",
+    lr=1e-5,
+    eval_every=0,
+    eval_size=100,
+    mixed_precision="bf16",
+)
+
+if __name__ == "__main__":
+    sys.exit(run_cli(sys.argv[1:], "recipes/arithmetic.py", train, **DEFAULTS))
