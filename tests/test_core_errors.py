@@ -72,8 +72,6 @@ def test_group_std_and_loo_need_two_samples(fn):
         fn(torch.zeros(4), 1)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: group_size=0 raises ZeroDivisionError from `numel() % 0`; "
-                   "fix: in _groups, raise ValueError when group_size < 1")
 def test_group_size_zero_is_a_value_error():
     with pytest.raises(ValueError, match="group"):
         group_mean_baseline(torch.zeros(4), 0)
@@ -103,8 +101,6 @@ LOSS_SHAPE_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="core gap: losses.py has no shape checks (house style: "
-                   "'the body starts by checking shapes'); fix: _check shapes like advantages.py")
 @pytest.mark.parametrize("case", list(LOSS_SHAPE_CASES))
 def test_loss_functions_reject_mismatched_shapes(case):
     with pytest.raises(ValueError, match="shape"):

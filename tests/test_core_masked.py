@@ -103,11 +103,6 @@ def test_masked_whiten_result_has_zero_mean_unit_unbiased_var():
     close(w[~m.bool()], torch.zeros(int((m == 0).sum()), dtype=torch.float64))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: x * mask turns inf/NaN at masked positions into NaN "
-    "(fix: x = torch.where(mask != 0, x, 0) before multiplying)",
-)
 def test_non_finite_values_at_masked_positions_are_ignored():
     x = torch.tensor([[1.0, 3.0, float("inf")], [2.0, float("nan"), float("-inf")]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

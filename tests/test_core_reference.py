@@ -118,8 +118,12 @@ def ref_last_step(mask):
 
 def _flags(ep):
     B, T = len(ep.mask), len(ep.mask[0])
-    term = ref_last_step(ep.mask) if ep.terminated is None else ep.terminated
     trunc = ep.truncated if ep.truncated is not None else [[False] * T for _ in range(B)]
+    if ep.terminated is None:  # the LM default: the last unmasked step terminates unless truncated there
+        last = ref_last_step(ep.mask)
+        term = [[last[b][t] and not trunc[b][t] for t in range(T)] for b in range(B)]
+    else:
+        term = ep.terminated
     return term, trunc
 
 
@@ -334,7 +338,7 @@ def test_kl_estimators_match_loop(g):
     close(kl_estimate(T_(logp), T_(ref), "k2"), _map(lambda a, b: lr(a, b) ** 2 / 2, logp, ref))
     k3 = _map(lambda a, b: math.expm1(lr(a, b)) - lr(a, b), logp, ref)
     close(kl_estimate(T_(logp), T_(ref), "k3"), k3)
-    assert (kl_estimate(T_(logp), T_(ref), "k3") >= 0).all()
+    # (k3 >= 0 is checked in test_core_losses.py)
 
 
 def ref_ppo(lp, olp, a, clip_low, clip_high):
@@ -456,12 +460,6 @@ def test_aggregate_micro_batch_invariance_value_and_grad(sb, mode, trim):
     close(p_parts.grad, p_whole.grad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core pitfall: seq-mean-token-sum-norm defaults norm_len to this micro-batch's T, so "
-    "dynamically padded micro-batches are normalised differently (fix: require norm_len, "
-    "raise ValueError naming it when it is None)",
-)
 def test_aggregate_sum_norm_default_norm_len_is_split_invariant_or_refused():
     loss = T_([[1, 2, 3, 4], [5, 6, 7, 8]])
     mask = T_([[1, 1, 1, 1], [1, 1, 0, 0]])

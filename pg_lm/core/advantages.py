@@ -16,7 +16,8 @@ unless terminated. Masked steps (``mask == 0``, e.g. Gymnasium's autoreset step 
 right padding of a completion) get return and advantage 0.
 
 For language models the defaults fit: with ``terminated=None`` every row's episode
-terminates at its last unmasked token (the completion ends and its reward arrives).
+terminates at its last unmasked token (the completion ends and its reward arrives),
+unless that step is marked ``truncated``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def last_step_mask(mask: Tensor) -> Tensor:
 def _episode_flags(rewards, mask, terminated, truncated):
     B, T = rewards.shape
     _check("mask", mask, rewards.shape)
-    terminated = last_step_mask(mask) if terminated is None else terminated.bool()
-    truncated = torch.zeros_like(terminated) if truncated is None else truncated.bool()
-    _check("terminated", terminated, rewards.shape)
+    truncated = torch.zeros_like(mask, dtype=torch.bool) if truncated is None else truncated.bool()
     _check("truncated", truncated, rewards.shape)
+    terminated = last_step_mask(mask) & ~truncated if terminated is None else terminated.bool()
+    _check("terminated", terminated, rewards.shape)
     return mask.to(rewards.dtype), terminated, terminated | truncated
 
 
@@ -120,6 +121,8 @@ def gae(
 
 
 def _groups(scores: Tensor, group_size: int) -> Tensor:
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     if scores.dim() != 1 or scores.numel() % group_size:
         raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {group_size}")
     return scores.view(-1, group_size)  # (B / G, G)

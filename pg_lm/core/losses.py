@@ -15,6 +15,12 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+def _same_shape(**tensors: Tensor) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("shape mismatch: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + " (expected equal (B, T))")
+
+
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     """Per-token estimate of KL(π || π_ref) from samples of π (Schulman, "Approximating KL").
 
@@ -22,6 +28,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     the reward: its gradient as a loss is wrong), k2 = ``(log r)^2 / 2``, k3 =
     ``r - 1 - log r`` (unbiased, always >= 0). (B, T) -> (B, T).
     """
+    _same_shape(logp=logp, ref_logp=ref_logp)
     log_r = ref_logp - logp
     if kind == "k1":
         return -log_r
@@ -29,7 +36,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
         return 0.5 * log_r**2
     if kind == "k3":
         log_r = log_r.clamp(-20.0, 20.0)  # exp overflow guard; |log r| > 20 is already a broken run
-        return torch.exp(log_r) - 1.0 - log_r
+        return torch.expm1(log_r) - log_r  # expm1: exactly >= 0, accurate for small log r
     raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
 
 
@@ -47,6 +54,7 @@ def policy_loss(
     (PPO, Schulman et al. 2017; separate bounds as in DAPO) it is
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``.
     """
+    _same_shape(logp=logp, old_logp=old_logp, advantages=advantages)
     ratio = torch.exp(logp - old_logp)
     loss = -advantages * ratio
     if clip_low is None and clip_high is None:
@@ -60,6 +68,7 @@ def policy_loss(
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None = None) -> Tensor:
     """Per-token ``0.5 (V - R)^2``; with ``clip`` PPO's pessimistic clipped form
     ``0.5 max((V - R)^2, (old_V + clip(V - old_V, ±clip) - R)^2)``. (B, T) -> (B, T)."""
+    _same_shape(values=values, old_values=old_values, returns=returns)
     loss = (values - returns) ** 2
     if clip is not None:
         v_clip = old_values + (values - old_values).clamp(-clip, clip)
@@ -69,9 +78,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the softmax over the last axis, computed in fp32. (..., V) -> (...)."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)  # 0 log 0 = 0 (masked -inf logits)
 
 
 def aggregate(
@@ -92,7 +101,10 @@ def aggregate(
     ``num_tokens`` / ``num_seqs`` default to this batch's counts. Pass the counts of the
     *global* batch when it is split into micro-batches or processes: the summed
     micro-batch losses then equal the loss of the whole batch, however it was split.
+    ``norm_len`` is required by ``seq-mean-token-sum-norm`` (a batch's own T would
+    make the loss depend on padding).
     """
+    _same_shape(loss=loss, mask=mask)
     mask = mask.to(loss.dtype)
     if mode == "token-mean":
         n = mask.sum() if num_tokens is None else num_tokens
@@ -102,6 +114,6 @@ def aggregate(
         return masked_mean(loss, mask, dim=1).sum() / max(float(n_seq), 1.0)
     if mode == "seq-mean-token-sum-norm":
         if norm_len is None:
-            norm_len = loss.shape[1]
+            raise ValueError("seq-mean-token-sum-norm needs a constant norm_len (e.g. the max completion length)")
         return (loss * mask).sum() / (max(float(n_seq), 1.0) * norm_len)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")

@@ -12,8 +12,9 @@ from torch import Tensor
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Sum of ``x`` over the positions where ``mask`` is 1 (no division)."""
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    """Sum of ``x`` over the positions where ``mask`` is 1 (no division); masked inf/NaN are ignored."""
+    xm = torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device)) * mask
+    return xm.sum() if dim is None else xm.sum(dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

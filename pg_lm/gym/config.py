@@ -3,8 +3,10 @@
 Hyper-parameters default to ``None``, meaning "the per-env / per-algorithm default",
 resolved once by :func:`resolve` from the :data:`DEFAULTS` table. A row of the table is
 keyed ``(env, algo)`` with ``"*"`` as a wildcard; lookups go from the most specific key
-to the least: ``(env, algo)``, ``(env, "*")``, ``("*", algo)``, ``("*", "*")``. A flag
-given by the user always wins. The resolved config is what ``config.json`` records.
+to the least: ``(env, algo)``, ``("*", algo)``, ``(env, "*")``, ``("*", "*")`` -- so an
+algorithm's structure (rollout length, epochs) beats an env's generic row, which holds
+what belongs to the env (horizon γ, scaling, budget). A flag given by the user always
+wins. The resolved config is what ``config.json`` records.
 """
 
 from __future__ import annotations
@@ -32,17 +34,17 @@ DEFAULTS: dict[tuple[str, str], dict] = {
         reward_norm=False, log_std_init=0.0,
     ),
     ("*", "a2c"): dict(n_steps=8, lr=7e-4, norm_adv=False, epochs=1, minibatches=1),
-    ("*", "reinforce"): dict(n_steps=500, lr=1e-3, epochs=1, minibatches=1),
-    ("*", "reinforce-baseline"): dict(n_steps=500, lr=1e-3, epochs=1, minibatches=1),
+    ("*", "reinforce"): dict(num_envs=4, n_steps=200, lr=1e-3, epochs=1, minibatches=1),
+    ("*", "reinforce-baseline"): dict(num_envs=4, n_steps=200, lr=1e-3, epochs=1, minibatches=1, reward_norm=True),
     ("CartPole-v1", "ppo"): dict(
         num_envs=16, n_steps=32, lr=3e-3, gamma=0.98, gae_lambda=0.8, epochs=4, minibatches=2,
     ),
-    ("CartPole-v1", "reinforce"): dict(total_steps=300_000, num_envs=8, lr=3e-3, gamma=0.99),
-    ("CartPole-v1", "reinforce-baseline"): dict(total_steps=300_000, num_envs=8, lr=3e-3, gamma=0.99),
+    ("CartPole-v1", "reinforce"): dict(total_steps=300_000, lr=3e-3),
+    ("CartPole-v1", "reinforce-baseline"): dict(total_steps=300_000, lr=3e-3),
     ("Pendulum-v1", "*"): dict(
-        total_steps=300_000, num_envs=4, n_steps=1024, lr=1e-3, gamma=0.9, gae_lambda=0.95,
-        epochs=10, minibatches=64, obs_norm=True, reward_norm=True, log_std_init=-0.5,
+        total_steps=150_000, num_envs=4, gamma=0.95, ent_coef=0.005, obs_norm=True, reward_norm=True,
     ),
+    ("Pendulum-v1", "ppo"): dict(n_steps=1024, lr=1e-3, gae_lambda=0.95, epochs=10, minibatches=16),
 }
 
 
@@ -125,7 +127,7 @@ def _check_env(env_id: str) -> None:
 def defaults_for(env: str, algo: str) -> dict:
     """The default hyper-parameters of ``(env, algo)``, most specific table row winning."""
     out: dict = {}
-    for key in (("*", "*"), ("*", algo), (env, "*"), (env, algo)):
+    for key in (("*", "*"), (env, "*"), ("*", algo), (env, algo)):
         out.update(DEFAULTS.get(key, {}))
     return out
 

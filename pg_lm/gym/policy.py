@@ -25,8 +25,11 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 class RunningMeanStd(nn.Module):
-    """Running mean / variance of observations (Chan et al.'s parallel update, as SB3's
-    ``VecNormalize``). The statistics are buffers, so they are saved in the state dict."""
+    """Running mean / variance (Chan et al.'s parallel update, as SB3's ``VecNormalize``).
+
+    The statistics are float64 buffers, so they are saved in the state dict; the
+    methods work on numpy views of those buffers because they run once per env step,
+    where a dozen tiny torch ops would cost more than the policy's forward pass."""
 
     def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
         super().__init__()
@@ -34,21 +37,25 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))  # SB3's prior count
+        # views sharing memory with the buffers (load_state_dict copies in place, keeping them valid)
+        self._mean, self._var, self._count = self.mean.numpy(), self.var.numpy(), self.count.numpy()
 
-    def update(self, x: Tensor) -> None:
+    def update(self, x: np.ndarray) -> None:
         """Fold a batch ``x`` (N, D) into the statistics."""
-        x = x.to(torch.float64)
-        n, mean, var = x.shape[0], x.mean(0), x.var(0, unbiased=False)
-        delta, total = mean - self.mean, self.count + n
-        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.var.copy_(m2 / total)
-        self.count.fill_(total)
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean, var = x.mean(0), x.var(0)
+        delta, total = mean - self._mean, self._count + n
+        m2 = self._var * self._count + var * n + delta**2 * self._count * n / total
+        self._mean += delta * n / total
+        self._var[...] = m2 / total
+        self._count[...] = total
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``clip((x - mean) / sqrt(var + eps), ±clip)``, float32. (N, D) -> (N, D)."""
-        z = (x - self.mean.float()) * torch.rsqrt(self.var.float() + self.eps)
-        return z.clamp(-self.clip, self.clip)
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """``clip((x - mean) / sqrt(var + eps), ±clip)`` as float32. (N, D) -> (N, D)."""
+        z = (x - self._mean) / np.sqrt(self._var + self.eps)
+        return np.clip(z, -self.clip, self.clip).astype(np.float32)
 
 
 class Categorical(nn.Module):
@@ -134,12 +141,11 @@ class ActorCritic(nn.Module):
 
     def normalize(self, obs: np.ndarray, update: bool = False) -> Tensor:
         """Raw observations (N, D) -> the network's float32 input (N, D)."""
-        x = torch.as_tensor(obs, dtype=torch.float32)
         if self.obs_rms is None:
-            return x
+            return torch.as_tensor(obs, dtype=torch.float32)
         if update:
-            self.obs_rms.update(x)
-        return self.obs_rms(x)
+            self.obs_rms.update(obs)
+        return torch.from_numpy(self.obs_rms.normalize(obs))
 
     def value(self, x: Tensor) -> Tensor:
         """V(s) (N,); zeros without a critic."""

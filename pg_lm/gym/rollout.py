@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,19 @@ class Rollout:
     mask: Tensor  # (B, T) bool: 1 = a real step of an episode this batch learns from
 
 
+class _Step(NamedTuple):
+    """One vector-env step, (B, ...) arrays; ``_to_rollout`` stacks T of them into a Rollout."""
+
+    obs: Tensor  # (B, D) normalised observation the action was taken on
+    actions: Tensor
+    logp: Tensor
+    values: Tensor
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    mask: np.ndarray  # (B,) bool: False on the autoreset step (and on dropped episodes)
+
+
 class RewardScaler:
     """Divide rewards by the running std of the discounted return (SB3 ``VecNormalize``).
 
@@ -52,10 +66,9 @@ class RewardScaler:
 
     def __call__(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> np.ndarray:
         self.ret = np.where(valid, self.ret * self.gamma + reward, self.ret)
-        if valid.any():
-            self.rms.update(torch.as_tensor(self.ret[valid, None]))
+        self.rms.update(self.ret[valid, None])
         self.ret[done] = 0.0
-        scale = float(torch.sqrt(self.rms.var[0] + 1e-8))
+        scale = float(np.sqrt(self.rms._var[0] + 1e-8))
         return np.clip(reward / scale, -self.clip, self.clip)
 
 
@@ -77,7 +90,7 @@ class Collector:
         self.steps = 0  # env steps so far, all envs together, masked ones included
 
     @torch.no_grad()
-    def _step(self) -> tuple:
+    def _step(self) -> _Step:
         x = self.policy.normalize(self.obs, update=True)  # (B, D)
         actions, logp, values = self.policy.act(x)
         obs, reward, term, trunc, _ = self.envs.step(self.policy.head.to_env(actions))
@@ -93,7 +106,7 @@ class Collector:
             reward = self.scaler(reward, valid, done)
         self.prev_done, self.obs = done, obs
         self.steps += len(valid)
-        return x, actions, logp, values, reward, term, trunc, valid
+        return _Step(x, actions, logp, values, reward, term, trunc, valid)
 
     def collect(self, n_steps: int, complete: bool = False) -> Rollout:
         """``n_steps`` steps per env; with ``complete``, whole episodes instead.
@@ -101,8 +114,8 @@ class Collector:
         Monte-Carlo REINFORCE has no critic to bootstrap an episode cut by the rollout
         boundary, and simply dropping cut episodes is biased (it keeps the episodes that
         end soon, i.e. the short ones). So ``complete`` resets every env, keeps each
-        episode that *starts* within the first ``n_steps`` steps -- a rule that does not
-        look at the future, hence unbiased -- and steps on until all of them have ended.
+        episode that *starts* by step ``n_steps`` -- a rule that does not look at the
+        future, hence unbiased -- and steps on until all of them have ended.
         Steps of later episodes (envs waiting for the slowest one) are masked and wasted;
         they still count as env steps. A guard ends the rollout after ``n_steps`` +
         the env's time limit, masking any episode still running (envs with no limit).
@@ -114,31 +127,28 @@ class Collector:
             self.ep_return[:], self.ep_length[:] = 0.0, 0
             limit = n_steps + (_time_limit(self.envs) or n_steps)
         open_ = np.ones(self.envs.num_envs, bool)  # the env's current episode belongs to the batch
-        rows: list[tuple] = []
+        rows: list[_Step] = []
         for t in itertools.count():
             row = self._step()
             if complete:
-                row = (*row[:-1], row[-1] & open_)
+                row = row._replace(mask=row.mask & open_)
                 open_ &= ~(self.prev_done & (t + 1 >= n_steps))  # the next episode starts too late
             rows.append(row)
             if t + 1 >= n_steps and not (complete and open_.any() and t + 1 < limit):
                 break
         if complete and open_.any():  # only after the guard: mask what follows each env's last done
-            done = np.stack([r[5] | r[6] for r in rows])  # (T, B)
+            done = np.stack([r.terminated | r.truncated for r in rows])  # (T, B)
             tail = np.flip(np.cumsum(np.flip(done, 0), 0), 0) == 0  # (T, B) no done at or after t
-            rows = [(*r[:-1], r[-1] & ~tail[t]) for t, r in enumerate(rows)]
+            rows = [r._replace(mask=r.mask & ~tail[t]) for t, r in enumerate(rows)]
         return self._to_rollout(rows)
 
     @torch.no_grad()
-    def _to_rollout(self, rows: list[tuple]) -> Rollout:
-        x, actions, logp, values, reward, term, trunc, valid = zip(*rows)
-        stack = lambda seq: torch.stack([torch.as_tensor(s) for s in seq], 1)  # (B, T, ...)
-        values = stack(values)  # (B, T)
+    def _to_rollout(self, rows: list[_Step]) -> Rollout:
+        cols = {f: torch.stack([torch.as_tensor(s) for s in seq], 1) for f, seq in zip(_Step._fields, zip(*rows))}
         last = self.policy.value(self.policy.normalize(self.obs))  # (B,) V(current obs)
-        next_values = torch.cat([values[:, 1:], last[:, None]], 1)  # (B, T)
-        return Rollout(obs=stack(x), actions=stack(actions), logp=stack(logp), values=values,
-                       next_values=next_values, rewards=stack(reward).float(),
-                       terminated=stack(term), truncated=stack(trunc), mask=stack(valid))
+        next_values = torch.cat([cols["values"][:, 1:], last[:, None]], 1)  # (B, T)
+        cols["rewards"] = cols["rewards"].float()
+        return Rollout(**cols, next_values=next_values)  # time-major steps stacked on dim 1: (B, T, ...)
 
     def pop_episodes(self) -> list[tuple[float, int]]:
         """(return, length) of the episodes finished since the last call (raw rewards)."""

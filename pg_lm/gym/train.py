@@ -50,6 +50,7 @@ def train(cfg: GymConfig) -> dict:
 
 
 def _train(cfg: GymConfig, algo: Algo) -> dict:
+    t0 = time.perf_counter()
     try:
         envs = make_envs(cfg.env, cfg.num_envs, cfg.vector_mode)
     except ValueError as e:
@@ -65,9 +66,11 @@ def _train(cfg: GymConfig, algo: Algo) -> dict:
         collector = Collector(envs, policy, cfg.seed, scaler)
         writer = RunWriter(cfg.output_dir)
         writer.write_json("config.json", to_dict(cfg))
+        # created before the clock starts: the first optimizer imports torch._dynamo (~1 s, once per process)
+        opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
         start = time.perf_counter()
-        hit = _loop(cfg, algo, policy, collector, writer, start)
-        return _finish(cfg, policy, collector, writer, start, hit)
+        hit = _loop(cfg, algo, policy, opt, collector, writer, start)
+        return _finish(cfg, policy, collector, writer, start, t0, hit)
     finally:
         envs.close()
 
@@ -89,10 +92,9 @@ def _log_row(collector: Collector, stats: dict, lr: float, elapsed: float) -> di
     return row
 
 
-def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, collector: Collector, writer: RunWriter,
-          start: float) -> dict | None:
+def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, opt: torch.optim.Optimizer, collector: Collector,
+          writer: RunWriter, start: float) -> dict | None:
     """Train until ``total_steps`` (or the target). Returns the early-stop record, if any."""
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     bar = tqdm(total=cfg.total_steps, unit="step", disable=not cfg.progress, desc=f"{cfg.algo} {cfg.env}")
     hit = None
     while collector.steps < cfg.total_steps:
@@ -100,7 +102,9 @@ def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, collector: Collector,
         for group in opt.param_groups:
             group["lr"] = lr
         before = collector.steps
-        batch = collector.collect(cfg.n_steps, complete=algo.complete_episodes)
+        # the last fixed-length rollout is shortened so that a run never exceeds total_steps by a rollout
+        n = cfg.n_steps if algo.complete_episodes else min(cfg.n_steps, -(-(cfg.total_steps - before) // cfg.num_envs))
+        batch = collector.collect(n, complete=algo.complete_episodes)
         adv, returns = algo.advantage(batch, cfg.gamma, cfg.gae_lambda)  # (B, T) each
         stats = update(policy, opt, batch, adv, returns, cfg, algo)
         row = _log_row(collector, stats, lr, time.perf_counter() - start)
@@ -118,7 +122,9 @@ def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, collector: Collector,
 
 
 def _finish(cfg: GymConfig, policy: ActorCritic, collector: Collector, writer: RunWriter, start: float,
-            hit: dict | None) -> dict:
+            t0: float, hit: dict | None) -> dict:
+    """Final evaluation, summary.json, policy.pt, returns.png. ``train_s`` and
+    ``time_to_target_s`` count from the first rollout; ``wall_s`` is the whole call."""
     train_s = time.perf_counter() - start
     # an early stop already evaluated this very policy: reuse it rather than run it again
     returns = hit["returns"] if hit else evaluate(policy, cfg.env, cfg.eval_episodes, cfg.seed + 10_000,
@@ -127,7 +133,7 @@ def _finish(cfg: GymConfig, policy: ActorCritic, collector: Collector, writer: R
         "env": cfg.env, "algo": cfg.algo, "seed": cfg.seed, "output_dir": cfg.output_dir,
         "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
         "eval/episodes": len(returns), "train/return_mean": _recent(collector),
-        "env_steps": collector.steps, "train_s": train_s, "wall_s": time.perf_counter() - start,
+        "env_steps": collector.steps, "train_s": train_s, "wall_s": time.perf_counter() - t0,
         "target_return": cfg.target_return,
         "steps_to_target": hit["steps"] if hit else None,
         "time_to_target_s": hit["seconds"] if hit else None,

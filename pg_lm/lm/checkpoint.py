@@ -21,6 +21,16 @@ def checkpoint_dir(output_dir: str) -> Path:
     return Path(output_dir) / CHECKPOINT
 
 
+def recover_checkpoint(output_dir: str) -> Path:
+    """``checkpoint-last``, put back from ``checkpoint-last.old`` when a save died between its
+    two renames (the previous checkpoint is whole there). Call on the main process only."""
+    final = checkpoint_dir(output_dir)
+    old = final.with_name(CHECKPOINT + ".old")
+    if not final.exists() and (old / "trainer_state.pt").exists():
+        old.rename(final)
+    return final
+
+
 def save_checkpoint(trainer, summary: dict) -> Path:
     acc = trainer.acc
     final = checkpoint_dir(trainer.cfg.output_dir)
@@ -54,3 +64,20 @@ def load_trainer_state(trainer, path: Path) -> None:
     trainer.kl_coef = state["kl_coef"]
     trainer.resumed_summary = state.get("summary", {})
     trainer.prior_wall_s = state.get("wall_s", 0.0)
+
+
+def trim_logs(output_dir: str, step: int) -> None:
+    """Drop ``metrics.jsonl`` / ``samples.jsonl`` rows after ``step`` (written by a run that died
+    before its next checkpoint): a resumed run redoes those steps and logs them again."""
+    import json
+
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = Path(output_dir) / name
+        if not path.exists():
+            continue
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        if len(keep) < len(lines):
+            tmp = path.with_name(name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)

@@ -58,7 +58,7 @@ class LMConfig:
     lr: float = arg(1e-5, "learning rate (AdamW)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     warmup_steps: int = arg(0, "linear learning-rate warm-up steps")
-    max_grad_norm: float | None = arg(1.0, "gradient clipping (None = off)")
+    max_grad_norm: float | None = arg(1.0, "gradient clipping (None or 0 = off)")
     lora_r: int = arg(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = arg(32, "LoRA α")
     lora_dropout: float = arg(0.0, "LoRA dropout")
@@ -81,16 +81,23 @@ class LMConfig:
         if self.clip_high is None and self.clip_low is not None:
             self.clip_high = self.clip_low
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
-                    "num_minibatches", "eval_max_new_tokens", "eval_batch_size", "log_every", "max_prompt_length")
+                    "num_minibatches", "eval_max_new_tokens", "eval_batch_size", "log_every", "max_prompt_length",
+                    "samples_every", "kl_horizon")  # samples_every / kl_horizon divide
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("lr", "temperature", "top_p"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "entropy_coef", "vf_coef", "lora_r", "eval_size", "eval_every", "save_every", "warmup_steps"):
+        for name in ("kl_coef", "entropy_coef", "vf_coef", "lora_r", "eval_size", "eval_every", "save_every", "warmup_steps",
+                     "top_k", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm == 0:  # as in the gym backend: 0 = off (clipping to norm 0 would zero every update)
+            self.max_grad_norm = None
+        for name in ("max_grad_norm", "clip_low", "clip_high", "value_clip"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (or None for off), got {getattr(self, name)}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.baseline in ("group_mean", "loo") and self.estimator == "reinforce" and self.samples_per_prompt < 2:

@@ -16,7 +16,10 @@ def evaluate(trainer, dataset) -> dict:
     rows = dataset.select(range(acc.process_index, n, acc.num_processes))
     lm = acc.unwrap_model(trainer.policy).lm
     trainer.policy.eval()
-    sums: dict[str, float] = {}
+    # the same keys in the same order on every process, even one that got no rows (n < processes):
+    # a key list built from the rows seen would make the all-reduce below mismatch and hang
+    per_key = {f"eval/{name}": name for name in trainer.rewards.names if name != "reward"}  # "reward" is the total
+    sums = dict.fromkeys(["eval/reward", *per_key], 0.0)
     for i in range(0, len(rows), cfg.eval_batch_size):
         chunk = rows.select(range(i, min(i + cfg.eval_batch_size, len(rows))))
         cols = {c: chunk[c] for c in chunk.column_names if c != "prompt"}
@@ -24,8 +27,9 @@ def evaluate(trainer, dataset) -> dict:
             batch = sample(lm, trainer.tok, chunk["prompt"], cols, 1, cfg.eval_max_new_tokens, greedy=True,
                            chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length)
         per_fn, dense = trainer.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
-        for k, v in [("eval/reward", dense.sum(1))] + [(f"eval/{k}", v) for k, v in per_fn.items()]:
-            sums[k] = sums.get(k, 0.0) + float(v.sum())
-    keys = sorted(sums) or ["eval/reward"]
-    total = acc.reduce(torch.tensor([sums.get(k, 0.0) for k in keys], device=acc.device), "sum")
+        sums["eval/reward"] += float(dense.sum())
+        for key, name in per_key.items():
+            sums[key] += float(per_fn[name].sum())
+    keys = list(sums)
+    total = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), "sum")
     return {k: float(v) / max(n, 1) for k, v in zip(keys, total.tolist())}

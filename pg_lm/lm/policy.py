@@ -31,33 +31,65 @@ class Policy(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,  # (B, P + T) left-padded prompt, then right-padded completion
-        attention_mask: Tensor,  # (B, P + T)
-        num_completion: int,  # T
+        prompt_ids: Tensor,  # (B, P) left-padded; rows of a group are identical
+        prompt_mask: Tensor,  # (B, P)
+        completion_ids: Tensor,  # (B, T) right-padded
+        completion_mask: Tensor,  # (B, T)
+        group_size: int = 1,  # G: rows [iG, (i+1)G) share a prompt; G > 1 encodes it once
         temperature: float = 1.0,
         with_entropy: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Log-probs of the last T tokens, and values / entropies there. Each (B, T), fp32."""
-        T = num_completion
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() does
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=T + 1,
-            output_hidden_states=self.value_head is not None,
-            use_cache=False,
-        )
-        logits = out.logits[:, -T - 1 : -1].float()  # (B, T, V): position p predicts token p + 1
+        """Log-probs of the completion tokens, and values / entropies there. Each (B, T), fp32.
+
+        With ``group_size`` G > 1 each prompt is run once and its KV cache (with its
+        gradient) is shared by its G completions: the same numbers as G = 1 for less work.
+        """
+        T = completion_ids.shape[1]
+        want_h = self.value_head is not None
+        if group_size == 1:
+            ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + T)
+            am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
+            out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am), logits_to_keep=T + 1,
+                          output_hidden_states=want_h, use_cache=False)
+            logits = out.logits[:, -T - 1 : -1]  # (B, T, V): position p predicts token p + 1
+            hidden = out.hidden_states[-1][:, -T - 1 : -1] if want_h else None  # (B, T, H)
+        else:
+            logits, hidden = self._shared_prompt_forward(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                                         group_size, want_h)
+        logits = logits.float()
         if temperature != 1.0:
             logits = logits / temperature
-        logp = token_logprobs(logits, input_ids[:, -T:])  # (B, T)
+        logp = token_logprobs(logits, completion_ids)  # (B, T)
         values = None
-        if self.value_head is not None:
-            h = out.hidden_states[-1][:, -T - 1 : -1]  # (B, T, H)
-            values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
+        if want_h:
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
         entropy = entropy_from_logits(logits) if with_entropy else None  # (B, T)
         return logp, values, entropy
+
+    def _shared_prompt_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, G, want_h):
+        """Prompt once per group (N = B / G rows), KV cache repeated G times, then completions."""
+        B, T = completion_ids.shape
+        p_ids, p_mask = prompt_ids[::G], prompt_mask[::G]  # (N, P)
+        out = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True,
+                      logits_to_keep=1, output_hidden_states=want_h)
+        logits = out.logits[:, -1:].repeat_interleave(G, 0)  # (B, 1, V): predicts completion token 0
+        hidden = out.hidden_states[-1][:, -1:].repeat_interleave(G, 0) if want_h else None  # (B, 1, H)
+        if T > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(G)  # differentiable: gradients flow back to the prompt
+            am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)[:, :-1]  # (B, P + T - 1)
+            pos = positions(am)[:, -(T - 1) :]  # (B, T - 1)
+            out2 = self.lm(input_ids=completion_ids[:, :-1], attention_mask=am, position_ids=pos,
+                           past_key_values=cache, use_cache=True, output_hidden_states=want_h)
+            logits = torch.cat([logits, out2.logits], 1)  # (B, T, V)
+            if want_h:
+                hidden = torch.cat([hidden, out2.hidden_states[-1]], 1)  # (B, T, H)
+        return logits, hidden
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that skip left padding, as ``generate`` computes them. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -34,7 +34,14 @@ def reward_name(fn) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+def _is_per_token(x) -> bool:
+    """A list/tuple, or a 1-d tensor / array: one reward per completion token."""
+    return isinstance(x, (list, tuple)) or (getattr(x, "ndim", None) == 1 and hasattr(x, "tolist"))
+
+
 def _check_number(name: str, i: int, x, completion: str) -> float:
+    if getattr(x, "ndim", None) == 0 and hasattr(x, "item"):  # a 0-d tensor / numpy scalar
+        x = x.item()
     if isinstance(x, bool) or not isinstance(x, Real):
         raise RewardError(f"reward function {name!r} returned {x!r} ({type(x).__name__}) for sample {i} "
                           f"({completion[:60]!r}); expected a number")
@@ -64,8 +71,8 @@ def call_reward(fn, prompts: list[str], completions: list[str], columns: dict, l
     T = max(max(lengths, default=1), 1)
     dense = torch.zeros(len(out), T)
     for i, (x, n) in enumerate(zip(out, lengths)):
-        if isinstance(x, (list, tuple)) or (isinstance(x, Tensor) and x.dim() == 1):
-            vals = [_check_number(name, i, v, completions[i]) for v in x]
+        if _is_per_token(x):
+            vals = [_check_number(name, i, v, completions[i]) for v in (x if isinstance(x, (list, tuple)) else x.tolist())]
             if len(vals) != n:
                 raise RewardError(f"reward function {name!r} returned {len(vals)} per-token rewards for "
                                   f"sample {i}, which has {n} completion tokens")
@@ -88,7 +95,14 @@ class RewardSet:
         self.weights = [1.0] * len(self.fns) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.fns):
             raise ValueError(f"{len(self.weights)} reward weights for {len(self.fns)} reward functions")
-        self.names = [reward_name(f) for f in self.fns]
+        self.names = []  # unique: two closures of one factory share a __name__ but not a metric
+        for f in self.fns:
+            name, k = reward_name(f), 2
+            if name in ("mean", "std"):  # would shadow reward/mean and reward/std
+                name = f"{name}_fn"
+            while name in self.names:
+                name, k = f"{reward_name(f)}_{k}", k + 1
+            self.names.append(name)
 
     def score(self, prompts, completions, columns, lengths) -> tuple[dict[str, Tensor], Tensor]:
         """-> ({name: (B,) total reward of that function}, (B, T) weighted dense reward)."""
@@ -104,7 +118,8 @@ class RewardModel:
     """A Hugging Face sequence-classification model as a reward function.
 
     The score of a completion is the model's first logit on ``prompt + completion``
-    (with the reward model's chat template when it has one).
+    (with the reward model's chat template when it has one). Texts over ``max_length``
+    tokens lose their *beginning*: the completion, which is what is scored, is kept.
     """
 
     def __init__(self, model, tokenizer=None, batch_size: int = 16, max_length: int = 1024, name: str = "reward_model"):
@@ -131,10 +146,16 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, prompts, completions, **columns) -> list[float]:
         texts = [self._text(p, c) for p, c in zip(prompts, completions)]
+        templated = bool(getattr(self.tokenizer, "chat_template", None))  # the template writes its own BOS
         device = next(self.model.parameters()).device
         scores = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length).to(device)
-            scores += self.model(**enc).logits[:, 0].float().tolist()
+        side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                                     truncation=True, max_length=self.max_length,
+                                     add_special_tokens=not templated).to(device)
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        finally:
+            self.tokenizer.truncation_side = side
         return scores

@@ -34,6 +34,7 @@ class Rollout:
     values: Tensor | None = None  # (B, T) V(s_t) before token t
     rewards: Tensor | None = None  # (B, T) per-token reward (task reward on the last token, - KL)
     scores: Tensor | None = None  # (B,) total task reward of each completion
+    group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
 
     @property
     def input_ids(self) -> Tensor:
@@ -47,8 +48,9 @@ class Rollout:
     def lengths(self) -> Tensor:
         return self.completion_mask.sum(1).long()  # (B,)
 
-    def select(self, idx: Tensor) -> "Rollout":
-        """The sub-batch of rows ``idx`` (tensors sliced, lists picked)."""
+    def select(self, idx: Tensor, group_size: int = 1) -> "Rollout":
+        """The sub-batch of rows ``idx`` (tensors sliced, lists picked); say ``group_size``
+        when ``idx`` is a run of whole groups in order."""
         pick = lambda xs: [xs[i] for i in idx.tolist()]
         kw = {}
         for name, val in self.__dict__.items():
@@ -60,6 +62,7 @@ class Rollout:
                 kw[name] = {k: pick(v) for k, v in val.items()}
             else:
                 kw[name] = val
+        kw["group_size"] = group_size
         return Rollout(**kw)
 
 
@@ -110,6 +113,56 @@ def eos_token_ids(tokenizer, lm) -> list[int]:
     return ids
 
 
+def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k: int) -> Tensor:
+    """Next token per row from (B, V) logits: argmax, or a sample after temperature / top-k / top-p."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_new_tokens: int,
+             eos_ids: list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0) -> Tensor:
+    """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids.
+
+    Each prompt is encoded once; its KV cache is repeated for its G samples. Rows that
+    have emitted EOS are filled with ``pad_id``; decoding stops when every row has.
+    """
+    from .policy import positions
+
+    pos = positions(prompt_mask)  # (N, P)
+    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_samples)
+    logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
+    am = prompt_mask.repeat_interleave(num_samples, 0)  # (B, P + t)
+    next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
+    eos = torch.tensor(eos_ids, device=prompt_ids.device)
+    done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
+        tokens.append(tok)
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1)  # (B, T)
+
+
 @torch.no_grad()
 def sample(
     lm,
@@ -128,26 +181,19 @@ def sample(
     """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM."""
     device = next(lm.parameters()).device
     ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length)
-    ids = ids.repeat_interleave(num_samples, 0).to(device)  # (B, P)
-    am = am.repeat_interleave(num_samples, 0).to(device)  # (B, P)
+    ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)
-    gen = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    if greedy:
-        gen.update(do_sample=False)
-    else:
-        gen.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    out = lm.generate(input_ids=ids, attention_mask=am, **gen)
-    comp = out[:, ids.shape[1] :]  # (B, T)
-    if comp.shape[1] == 0:  # max_new_tokens reached zero tokens: keep one column so shapes stay valid
-        comp = torch.full((ids.shape[0], 1), tokenizer.pad_token_id, device=device, dtype=ids.dtype)
+    comp = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,
+                    temperature, top_p, top_k)  # (B, T)
     mask, truncated = completion_mask_from_ids(comp, eos)
     T = max(int(mask.sum(1).max()), 1)  # trim columns that are padding in every row
     comp, mask = comp[:, :T], mask[:, :T]
-    comp = torch.where(mask.bool(), comp, torch.full_like(comp, tokenizer.pad_token_id))
     lengths = mask.sum(1).long().tolist()
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(comp.tolist(), lengths)]
     rep = lambda xs: [x for x in xs for _ in range(num_samples)]
     return Rollout(
-        prompt_ids=ids, prompt_mask=am, completion_ids=comp, completion_mask=mask, truncated=truncated,
+        prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=am.repeat_interleave(num_samples, 0),
+        completion_ids=comp, completion_mask=mask, truncated=truncated,
         prompts=rep(prompts), completions=texts, columns={k: rep(v) for k, v in columns.items()},
+        group_size=num_samples,
     )

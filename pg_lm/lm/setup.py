@@ -13,8 +13,9 @@ import time
 import torch
 
 from pg_lm.run import RunWriter, to_dict
+from pg_lm.run.perf import tune_malloc
 
-from .checkpoint import checkpoint_dir, load_trainer_state
+from .checkpoint import checkpoint_dir, load_trainer_state, recover_checkpoint, trim_logs
 from .policy import load_policy
 
 
@@ -41,8 +42,12 @@ def build(trainer) -> None:
     from accelerate.utils import set_seed
 
     cfg = trainer.cfg
+    tune_malloc()
     trainer.acc = acc = make_accelerator(cfg)
     set_seed(cfg.seed + acc.process_index, device_specific=False)
+    if cfg.resume and acc.is_main_process:
+        recover_checkpoint(cfg.output_dir)
+    acc.wait_for_everyone()
     resume = checkpoint_dir(cfg.output_dir) if cfg.resume else None
     if resume is not None and not (resume / "trainer_state.pt").exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {resume}")
@@ -53,7 +58,8 @@ def build(trainer) -> None:
     )
     trainer.ref = None
     if (cfg.kl_coef > 0) and cfg.lora_r == 0:  # LoRA uses the base with the adapter disabled instead
-        ref = copy.deepcopy(policy)
+        # the reference is the model the run started from: a resumed policy is not it
+        ref = copy.deepcopy(policy) if resume is None else load_policy(cfg.model)[0]
         ref.value_head = None
         ref.requires_grad_(False)
         trainer.ref = acc.prepare_model(ref.eval(), evaluation_mode=True)
@@ -65,6 +71,8 @@ def build(trainer) -> None:
     trainer.resumed_summary, trainer.prior_wall_s = {}, 0.0
     if resume is not None:
         load_trainer_state(trainer, resume)
+        if acc.is_main_process:  # rows logged after the checkpoint describe steps that are redone now
+            trim_logs(cfg.output_dir, trainer.step)
     trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
                                trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
     if cfg.report_to != "none":

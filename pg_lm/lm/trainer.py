@@ -65,8 +65,8 @@ class Trainer:
         model = model or self.policy
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx, self.acc.autocast():
-            return model(batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
-                         temperature=self.cfg.temperature, with_entropy=grad)
+            return model(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                         group_size=batch.group_size, temperature=self.cfg.temperature, with_entropy=grad)
 
     def _ref_logp(self, batch: Rollout) -> Tensor | None:
         if self.kl_coef <= 0 and self.cfg.kl_target is None:
@@ -140,6 +140,9 @@ class Trainer:
         B = adv.shape[0]
         mb_rows = B // cfg.num_minibatches
         micro = cfg.micro_batch_size or mb_rows
+        G = batch.group_size
+        # prompts are shared across a group only when micro-batches are whole groups in order
+        share = G if cfg.num_minibatches == 1 and micro % G == 0 else 1
         totals: dict[str, float] = {}
         self.policy.train()
         for epoch in range(cfg.ppo_epochs):
@@ -151,7 +154,7 @@ class Trainer:
                 n_seq = float(len(rows) * acc.num_processes)
                 chunks = rows.split(micro)
                 for i, chunk in enumerate(chunks):
-                    mb = batch.select(chunk.to(batch.prompt_ids.device))
+                    mb = batch.select(chunk.to(batch.prompt_ids.device), group_size=share)
                     T = max(int(mb.completion_mask.sum(1).max()), 1)  # trim padding columns
                     mb.completion_ids, mb.completion_mask = mb.completion_ids[:, :T], mb.completion_mask[:, :T]
                     for name in ("logp", "ref_logp", "values"):

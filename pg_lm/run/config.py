@@ -111,8 +111,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None =
     values.update(ns)
     try:
         return from_dict(cls, values, source=cfg_path or "defaults")
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))
+    except (ValueError, TypeError) as e:  # one line, not the whole usage
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,0 +1,255 @@
+"""pg_lm vs Stable-Baselines3 (PPO and A2C) on CartPole-v1: wall-clock time to an evaluation mean of 475.
+
+Each library at its own tuned CartPole settings:
+
+* pg_lm: ``--pg-lm-algo`` (default ppo) with its per-env defaults (``pg_lm/gym/config.py``
+  DEFAULTS: 16 envs x 32 steps, lr 3e-3 annealed over 100k steps, ...);
+* SB3: rl-baselines3-zoo's tuned ``hyperparams/ppo.yml`` and ``a2c.yml`` rows for CartPole-v1
+  (PPO: 8 envs, n_steps 32, batch 256, gae_lambda 0.8, gamma 0.98, 20 epochs, ent_coef 0,
+  lr lin_0.001, clip lin_0.2, 1e5 steps; A2C: 8 envs, ent_coef 0, SB3 defaults otherwise,
+  5e5 steps), DummyVecEnv as rl-zoo builds it.
+
+Every ``--eval-every`` environment steps the current policy plays ``--eval-episodes``
+deterministic episodes (argmax action; one fresh env per episode, the same seeds for
+every library) with one evaluation function for both libraries; a run stops at the first
+evaluation whose mean return is >= ``--target`` (SB3: a ``BaseCallback`` returning
+False; pg_lm: the same check after each update). The clock is the wall time from the
+first training step **minus evaluation time** (for both libraries). Runs that do not get
+there within their own step budget (or ``--max-steps``) count as not reached.
+
+pg_lm runs from its public pieces (``resolve``, ``make_envs``, ``ActorCritic``,
+``Collector``, ``ALGOS``, ``update``) in the same order as ``pg_lm.gym.train``, because
+``train()`` offers no per-update hook: its own ``--target-return`` only evaluates once
+the training return reaches the target and counts evaluation time in its clock.
+pg_lm's per-update metrics file and progress bar are therefore not in the clock.
+
+Reported per library: median over ``--seeds`` of the time (and env steps) to the target.
+
+    python benchmarks/cartpole.py --seeds 0 1 2 --output results/cartpole.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import load1, machine_info, write_json  # noqa: E402
+
+ENV = "CartPole-v1"
+
+
+SB3_ZOO = {  # rl-baselines3-zoo hyperparams/ppo.yml and a2c.yml, CartPole-v1 (policy: MlpPolicy)
+    "ppo": dict(n_envs=8, n_timesteps=100_000, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20,
+                ent_coef=0.0, learning_rate="lin_0.001", clip_range="lin_0.2"),
+    "a2c": dict(n_envs=8, n_timesteps=500_000, ent_coef=0.0),
+}
+
+
+def zoo_kwargs(row: dict) -> dict:
+    """An rl-zoo row -> SB3 constructor kwargs; ``lin_<x>`` is rl-zoo's linear schedule
+    ``progress_remaining * x`` (progress_remaining goes 1 -> 0 over n_timesteps)."""
+    def value(v):
+        if isinstance(v, str) and v.startswith("lin_"):
+            x = float(v[4:])
+            return lambda progress_remaining: progress_remaining * x
+        return v
+
+    return {k: value(v) for k, v in row.items() if k not in ("n_envs", "n_timesteps")}
+
+
+class Clock:
+    """Wall time since ``start()``, minus the time spent inside ``paused()``."""
+
+    def start(self) -> None:
+        self.t0, self.excluded = time.perf_counter(), 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0 - self.excluded
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+
+def deterministic_return(act, episodes: int, seed: int) -> float:
+    """Mean return of ``episodes`` deterministic episodes, one env each, all started together.
+    ``act``: (N, 4) observations -> (N,) actions."""
+    import gymnasium as gym
+
+    envs = gym.make_vec(ENV, num_envs=episodes, vectorization_mode="sync")
+    try:
+        obs, _ = envs.reset(seed=seed)
+        total, running = np.zeros(episodes), np.ones(episodes, bool)
+        while running.any():  # CartPole-v1 truncates at 500 steps
+            obs, reward, term, trunc, _ = envs.step(act(obs))
+            total += reward * running
+            running &= ~(term | trunc)
+        return float(total.mean())
+    finally:
+        envs.close()
+
+
+class Evaluator:
+    """Evaluates every ``every`` env steps off the clock; remembers when the target was first met."""
+
+    def __init__(self, args, seed: int):
+        self.every, self.episodes, self.target = args.eval_every, args.eval_episodes, args.target
+        self.seed, self.clock, self.next_at, self.curve, self.hit = seed + 10_000, Clock(), args.eval_every, [], None
+
+    def due(self, steps: int) -> bool:
+        return steps >= self.next_at
+
+    def __call__(self, act, steps: int) -> bool:
+        """Evaluate now; True when the target is reached."""
+        while self.next_at <= steps:
+            self.next_at += self.every
+        with self.clock.paused():
+            mean = deterministic_return(act, self.episodes, self.seed)
+        self.curve.append((steps, round(self.clock.now(), 3), mean))
+        if mean >= self.target:
+            self.hit = dict(steps=steps, seconds=self.clock.now())
+        return self.hit is not None
+
+    def result(self, steps: int) -> dict:
+        return dict(reached=self.hit is not None, time_to_target_s=self.hit and self.hit["seconds"],
+                    steps_to_target=self.hit and self.hit["steps"], env_steps=steps, train_s=self.clock.now(),
+                    eval_s_excluded=self.clock.excluded, evals=self.curve)
+
+
+def run_pg_lm(args, seed: int) -> dict:
+    """pg_lm.gym's training loop (train.py ``_loop``) with the evaluation hook."""
+    from pg_lm.gym import ALGOS, ActorCritic, Collector, GymConfig, make_envs, policy_spec, resolve, update
+
+    cfg = resolve(GymConfig(env=ENV, algo=args.pg_lm_algo, seed=seed, progress=False, threads=args.threads))
+    algo, budget = ALGOS[cfg.algo], min(cfg.total_steps, args.max_steps or cfg.total_steps)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    envs = make_envs(cfg.env, cfg.num_envs, cfg.vector_mode)
+    spec = policy_spec(envs.single_observation_space, envs.single_action_space, cfg.hidden, algo.critic,
+                       cfg.obs_norm, cfg.log_std_init)
+    policy = ActorCritic(spec)
+    collector = Collector(envs, policy, seed, None)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+
+    @torch.no_grad()
+    def act(obs):
+        return policy.head.to_env(policy.act(policy.normalize(obs), deterministic=True)[0])
+
+    ev = Evaluator(args, seed)
+    ev.clock.start()
+    while collector.steps < budget:
+        lr = cfg.lr * (1.0 - collector.steps / cfg.total_steps) if cfg.anneal_lr else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = collector.collect(cfg.n_steps, complete=algo.complete_episodes)
+        adv, returns = algo.advantage(batch, cfg.gamma, cfg.gae_lambda)  # (B, T) each
+        update(policy, opt, batch, adv, returns, cfg, algo)
+        if ev.due(collector.steps) and ev(act, collector.steps):
+            break
+    envs.close()
+    return dict(ev.result(collector.steps), algo=cfg.algo, config={k: v for k, v in vars(cfg).items()})
+
+
+def run_sb3(args, algo: str, seed: int) -> dict:
+    """SB3 with rl-zoo's tuned CartPole row; a callback evaluates and stops at the target."""
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    zoo = SB3_ZOO[algo]
+    budget = min(zoo["n_timesteps"], args.max_steps or zoo["n_timesteps"])
+    torch.set_num_threads(args.threads)
+    env = make_vec_env(ENV, n_envs=zoo["n_envs"], seed=seed)
+    model = {"ppo": PPO, "a2c": A2C}[algo]("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **zoo_kwargs(zoo))
+    ev = Evaluator(args, seed)
+    act = lambda obs: model.predict(obs, deterministic=True)[0]
+
+    class EvalStop(BaseCallback):
+        def _on_training_start(self) -> None:
+            ev.clock.start()
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= budget:
+                return False
+            return not (ev.due(self.num_timesteps) and ev(act, self.num_timesteps))
+
+    # the schedules span rl-zoo's n_timesteps, whatever --max-steps cuts off
+    model.learn(total_timesteps=zoo["n_timesteps"], callback=EvalStop())
+    env.close()
+    return dict(ev.result(model.num_timesteps), algo=algo, config=dict(zoo, policy="MlpPolicy"))
+
+
+def median_time(runs: list[dict]) -> float | None:
+    """Median time over seeds; a seed that never reached the target counts as infinitely slow."""
+    times = [r["time_to_target_s"] if r["reached"] else float("inf") for r in runs]
+    m = statistics.median(times)
+    return None if m == float("inf") else m
+
+
+def summarize(runs: list[dict]) -> dict:
+    reached = [r for r in runs if r["reached"]]
+    return dict(median_time_to_target_s=median_time(runs),
+                median_steps_to_target=statistics.median([r["steps_to_target"] for r in reached]) if reached else None,
+                reached=f"{len(reached)}/{len(runs)}",
+                per_seed_time_s=[r["time_to_target_s"] for r in runs],
+                per_seed_steps=[r["steps_to_target"] for r in runs], runs=runs)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-steps", type=int, default=None, help="env-step cap per run (default: each one's own budget)")
+    p.add_argument("--target", type=float, default=475.0, help="evaluation mean return to reach")
+    p.add_argument("--eval-every", type=int, default=2000, help="env steps between evaluations")
+    p.add_argument("--eval-episodes", type=int, default=20, help="deterministic episodes per evaluation")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both libraries")
+    p.add_argument("--pg-lm-algo", choices=("ppo", "a2c"), default="ppo")
+    p.add_argument("--sb3-algos", nargs="+", choices=("ppo", "a2c"), default=["ppo", "a2c"])
+    p.add_argument("--output", default="results/cartpole.json")
+    args = p.parse_args(argv)
+    if args.eval_episodes < 20:
+        p.error("--eval-episodes must be >= 20")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = dict(benchmark="cartpole", load1_start=load1(),
+                  machine=machine_info(("torch", "gymnasium", "stable_baselines3", "numpy")),
+                  target=args.target, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                  threads=args.threads, seeds=args.seeds, clock="wall time from the first training step minus "
+                  "evaluation time (both libraries)")
+    runs = {"pg_lm": [], **{f"sb3_{a}": [] for a in args.sb3_algos}}
+    for seed in args.seeds:  # interleaved by seed, so drifts of the machine hit every library
+        for name in runs:
+            r = run_pg_lm(args, seed) if name == "pg_lm" else run_sb3(args, name[4:], seed)
+            print(f"seed {seed} {name}: {'%.2f s, %d steps' % (r['time_to_target_s'], r['steps_to_target']) if r['reached'] else 'not reached'}", flush=True)
+            runs[name].append(r)
+    result["load1_end"] = load1()
+    for name, rs in runs.items():
+        result[name] = summarize(rs)
+    sb3 = {n: result[n]["median_time_to_target_s"] for n in runs if n.startswith("sb3_")}
+    best = min(sb3, key=lambda n: sb3[n] if sb3[n] is not None else float("inf"))
+    result.update(pg_lm_time_to_475_s=result["pg_lm"]["median_time_to_target_s"],
+                  sb3_time_to_475_s=sb3[best], sb3_fastest_algo=best[4:])
+    write_json(args.output, result)
+    print(f"median time to {args.target}: pg_lm {result['pg_lm_time_to_475_s']} s; "
+          f"SB3 ({best[4:]}) {result['sb3_time_to_475_s']} s; load1 {result['load1_start']:.2f} -> {result['load1_end']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""pg_lm vs TRL's GRPOTrainer: training speed on the arithmetic task with the same configuration.
+
+What is measured, per library, over the timed blocks (warm-up excluded):
+
+* median step time (sample 16 completions + score + one optimizer step);
+* generation tokens/s: completion tokens / time spent generating;
+* training tokens/s: completion tokens / time in the update (forward, backward, clip, AdamW);
+* peak resident memory while its blocks ran (a sampling thread in its process), and the
+  process's lifetime peak (``ru_maxrss``, model loading included);
+* mean reward of every step (warm-up included), and MFU of the update:
+  6 x parameters x tokens run through the model in the update / update time, against
+  the bf16 matmul throughput measured here (2048^2 @ 2048^2, repeated).
+
+How: each library runs in its own subprocess (so memory is per library and neither sees
+the other's allocator state); the parent makes them take turns -- warm-up steps for each,
+then ``--blocks`` blocks of ``--steps`` steps, pg_lm block, TRL block, pg_lm block, ...
+-- so slow drifts of the machine hit both alike. While one runs the other waits on a pipe.
+
+Same configuration: the embedded SmolLM2-135M-Instruct, full fine-tuning, the same
+prompts in the same order (pg_lm's own order, handed to TRL with shuffling off), 4
+prompts x 4 samples per step, at most 24 new tokens, temperature 1.0, top-p 1, no top-k,
+the chat template, AdamW lr 1e-5 constant, grad-norm clip 1.0, no KL (TRL beta=0), one
+optimizer step per rollout, token-mean loss (TRL's "dapo"), group-mean baseline scaled
+by the group std (TRL's GRPO advantage; ``--pg-lm-baseline recipe`` keeps the recipe's
+leave-one-out). TRL's gradient checkpointing is off (pg_lm has none; it only slows TRL).
+
+Timing: pg_lm -- wall clock around ``Trainer.train_step()``; its ``perf/gen_s`` (sampling)
+and ``perf/train_s`` (the update). TRL -- a TrainerCallback from ``on_step_begin`` to
+``on_step_end``; generation = time inside ``model.generate`` (instance wrapper), update =
+step time minus time inside ``_generate_and_score_completions`` (generation + reward
+scoring + advantages); reward and completion lengths from TRL's own logged metrics.
+
+    python benchmarks/lm_vs_trl.py --output results/lm_vs_trl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RssSampler, matmul_peak, load1, machine_info, max_rss_mb, median, write_json  # noqa: E402
+
+SAME = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0,
+            lr=1e-5, lora_r=0, kl_coef=0.0, chat_template=True, max_grad_norm=1.0, weight_decay=0.0,
+            warmup_steps=0, ppo_epochs=1, num_minibatches=1, loss_agg="token-mean", seed=0)
+ROWS = SAME["prompts_per_step"] * SAME["samples_per_prompt"]
+
+
+def pg_lm_overrides(args, total_steps: int, trl_bf16: bool) -> dict:
+    kw = dict(SAME, max_steps=max(total_steps, 1), max_seconds=None, eval_every=0)
+    if args.pg_lm_baseline == "grpo":
+        kw.update(estimator="reinforce", baseline="group_mean", scale_rewards=True)
+    if args.pg_lm_precision in ("bf16", "no"):
+        kw["mixed_precision"] = args.pg_lm_precision
+    elif args.pg_lm_precision == "match-trl":
+        kw["mixed_precision"] = "bf16" if trl_bf16 else "no"
+    return kw
+
+
+def trl_config(bf16: bool, total_steps: int, output_dir: str) -> dict:
+    return dict(output_dir=output_dir, max_steps=total_steps, per_device_train_batch_size=ROWS,
+                gradient_accumulation_steps=1, num_generations=SAME["samples_per_prompt"],
+                max_completion_length=SAME["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+                learning_rate=SAME["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group",
+                gradient_checkpointing=False, bf16=bf16, use_cpu=True, seed=0, logging_steps=1,
+                shuffle_dataset=False)
+
+
+# ---------------------------------------------------------------- pg_lm worker (own process)
+def _pg_lm_step(trainer) -> dict:
+    from pg_lm.lm.sampling import encode_prompts
+
+    prompts, _ = trainer._prompts(trainer.step)
+    unique_prompt_tokens = int(encode_prompts(trainer.tok, prompts, True, None)[1].sum())
+    t0 = time.perf_counter()
+    s = trainer.train_step()
+    step_s = time.perf_counter() - t0
+    completion_tokens = s["completion/length"] * ROWS
+    # the update runs each prompt once per group (shared KV cache), then the completions
+    return dict(step_s=step_s, gen_s=s["perf/gen_s"], train_s=s["perf/train_s"], reward=s["reward/mean"],
+                completion_tokens=completion_tokens, update_tokens=unique_prompt_tokens + completion_tokens,
+                first_prompt=prompts[0])
+
+
+def pg_lm_worker(conn, overrides: dict, total_steps: int, output_dir: str) -> None:
+    from _lm_setup import build_pg_lm, pg_lm_step_prompts
+
+    trainer = build_pg_lm(overrides, output_dir)
+    prompts, answers = pg_lm_step_prompts(trainer, total_steps)
+    n_params = sum(p.numel() for p in trainer.params)
+    conn.send(dict(prompts=prompts, answers=answers, n_params=n_params, config=dict(vars(trainer.cfg))))
+    while (n := conn.recv()) is not None:
+        with RssSampler() as rss:
+            rows = [_pg_lm_step(trainer) for _ in range(n)]
+        conn.send(dict(steps=rows, peak_rss_mb=rss.peak_mb))
+    conn.send(dict(max_rss_mb=max_rss_mb()))
+
+
+# ---------------------------------------------------------------- TRL worker (own process)
+def _block_callback(conn, starts: set, trainer):
+    """Times each step, and at each block start reports the last block and waits for the parent."""
+    from transformers import TrainerCallback
+
+    from _lm_setup import CallTimer
+
+    gen, rollout = CallTimer(trainer.model, "generate"), CallTimer(trainer, "_generate_and_score_completions")
+
+    class Blocks(TrainerCallback):
+        rows, rss, last_tokens, t0 = [], None, 0, 0.0
+
+        def report(self):
+            if self.rss is not None:
+                self.rss.__exit__(None, None, None)
+                conn.send(dict(steps=self.rows, peak_rss_mb=self.rss.peak_mb))
+            self.rows, self.rss = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step in starts:
+                self.report()
+                conn.recv()  # the block length: max_steps already fixes where blocks end
+                self.rss = RssSampler().__enter__()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_s = time.perf_counter() - self.t0
+            self.rows.append(dict(step_s=step_s, gen_s=gen.take(), train_s=step_s - rollout.take()))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs and self.rows:
+                row, tokens = self.rows[-1], logs["num_tokens"]
+                row.update(reward=logs["reward"], completion_tokens=logs["completions/mean_length"] * ROWS,
+                           update_tokens=tokens - self.last_tokens)  # prompts x rows + completions
+                self.last_tokens = tokens
+
+        def on_train_end(self, args, state, control, **kw):
+            self.report()
+
+    return Blocks()
+
+
+def trl_worker(conn, prompts, answers, trl_kwargs: dict, segments: list[int]) -> None:
+    from _lm_setup import build_trl
+
+    trainer = build_trl(prompts, answers, trl_kwargs)
+    first_prompts = []
+    inner = trainer._generate_and_score_completions
+
+    def record(batch):
+        first_prompts.append(batch[0]["prompt"][-1]["content"])
+        return inner(batch)
+
+    trainer._generate_and_score_completions = record
+    starts = {sum(segments[:i]) for i in range(len(segments))}
+    trainer.add_callback(_block_callback(conn, starts, trainer))
+    conn.send(dict(n_params=sum(p.numel() for p in trainer.model.parameters()), bf16=trainer.args.bf16,
+                   mixed_precision=str(trainer.accelerator.mixed_precision), optim=str(trainer.args.optim)))
+    trainer.train()
+    assert conn.recv() is None
+    conn.send(dict(max_rss_mb=max_rss_mb(), first_prompts=first_prompts))
+
+
+# ---------------------------------------------------------------- parent
+def _start(ctx, target, *args):
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def _run_segments(workers: dict, segments: list[int], warmup: int) -> dict:
+    """Alternate the workers segment by segment; returns each one's block reports."""
+    blocks = {name: [] for name in workers}
+    for i, n in enumerate(segments):
+        for name, (_, conn) in workers.items():
+            print(f"  block {i + 1}/{len(segments)}: {name} x {n} steps", flush=True)
+            conn.send(n)
+            blocks[name].append(dict(conn.recv(), warmup=bool(warmup) and i == 0))
+    return blocks
+
+
+def _finish(workers: dict) -> dict:
+    out = {}
+    for name, (proc, conn) in workers.items():
+        conn.send(None)
+        out[name] = conn.recv()
+        proc.join(timeout=120)
+    return out
+
+
+def _segments(warmup: int, steps: int, blocks: int) -> list[int]:
+    return ([warmup] if warmup else []) + [steps] * blocks
+
+
+def probe_trl_bf16(ctx, prompts, answers, probe_steps: int, tmp: str) -> dict:
+    """TRL with bf16=True and with bf16=False, 1 warm-up + ``probe_steps`` steps each; the
+    faster one that runs wins."""
+    probe = {}
+    for bf16 in (True, False):
+        segments = [1, probe_steps]
+        try:
+            proc, conn = _start(ctx, trl_worker, prompts, answers,
+                                trl_config(bf16, sum(segments), f"{tmp}/probe_{bf16}"), segments)
+            conn.recv()
+            blocks = _run_segments({"trl": (proc, conn)}, segments, 1)["trl"]
+            _finish({"trl": (proc, conn)})
+            probe[str(bf16).lower()] = median(s["step_s"] for s in blocks[1]["steps"])
+        except (EOFError, OSError) as e:  # the worker died: this setting does not run here
+            probe[str(bf16).lower()] = f"failed: {e!r}"
+    timed = {k: v for k, v in probe.items() if isinstance(v, float)}
+    return dict(probe_median_step_s=probe, choice=min(timed, key=timed.get) == "true")
+
+
+def summarize(blocks: list[dict], final: dict, n_params: int, peak_flops: float) -> dict:
+    timed = [s for b in blocks if not b["warmup"] for s in b["steps"]]
+    every = [s for b in blocks for s in b["steps"]]
+    tot = lambda key: sum(s[key] for s in timed)
+    train_s = tot("train_s")
+    return {
+        "median_step_s": median(s["step_s"] for s in timed),
+        "median_gen_s": median(s["gen_s"] for s in timed),
+        "median_train_s": median(s["train_s"] for s in timed),
+        "gen_tokens_per_s": tot("completion_tokens") / tot("gen_s"),
+        "train_tokens_per_s": tot("completion_tokens") / train_s,
+        "mfu_update": 6 * n_params * tot("update_tokens") / train_s / peak_flops,
+        "peak_rss_mb": max(b["peak_rss_mb"] for b in blocks if not b["warmup"]),
+        "max_rss_mb_process_lifetime": final["max_rss_mb"],
+        "reward_mean": sum(s.get("reward", float("nan")) for s in timed) / len(timed),
+        "reward_per_step": [s.get("reward") for s in every],
+        "mean_completion_tokens": tot("completion_tokens") / len(timed) / ROWS,
+        "timed_steps": len(timed),
+        "n_params": n_params,
+        "steps": every,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block (K)")
+    p.add_argument("--blocks", type=int, default=4, help="timed blocks per library")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per library")
+    p.add_argument("--trl-bf16", choices=("auto", "true", "false"), default="auto",
+                   help="TRL bf16 autocast; auto = time both briefly and take the faster")
+    p.add_argument("--trl-probe-steps", type=int, default=3, help="timed steps per setting in the auto probe")
+    p.add_argument("--pg-lm-baseline", choices=("grpo", "recipe"), default="grpo",
+                   help="grpo: group mean / group std, as TRL; recipe: the recipe's leave-one-out")
+    p.add_argument("--pg-lm-precision", choices=("match-trl", "recipe", "bf16", "no"), default="match-trl",
+                   help="pg_lm mixed precision: match-trl = bf16 autocast iff TRL uses it (the recipe uses bf16)")
+    p.add_argument("--output", default="results/lm_vs_trl.json")
+    args = p.parse_args(argv)
+    if min(args.steps, args.blocks) < 1 or args.warmup < 0:
+        p.error("--steps and --blocks must be >= 1, --warmup >= 0")
+    return args
+
+
+def choose_trl_bf16(args, ctx, tmp: str) -> dict:
+    if args.trl_bf16 != "auto":
+        return dict(choice=args.trl_bf16 == "true", probe_median_step_s=None)
+    from pg_lm.tasks.arithmetic import arithmetic_datasets
+
+    print("probing TRL bf16 on / off ...", flush=True)
+    train, _ = arithmetic_datasets()
+    n = SAME["prompts_per_step"] * (1 + args.trl_probe_steps)  # any prompts do for a speed probe
+    return probe_trl_bf16(ctx, list(train["prompt"][:n]), list(train["answer"][:n]), args.trl_probe_steps, tmp)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctx, tmp = mp.get_context("spawn"), tempfile.mkdtemp(prefix="bench_lm_vs_trl_")
+    segments = _segments(args.warmup, args.steps, args.blocks)
+    total = sum(segments)
+    result = dict(benchmark="lm_vs_trl", load1_start=load1(), machine=machine_info())
+    print("measuring matmul throughput ...", flush=True)
+    result["matmul_peak"] = {d: matmul_peak(dtype=d) for d in ("bfloat16", "float32")}
+    result["trl_bf16"] = choose_trl_bf16(args, ctx, tmp)
+    pg = _start(ctx, pg_lm_worker, pg_lm_overrides(args, total, result["trl_bf16"]["choice"]), total, f"{tmp}/pg_lm")
+    hello_pg = pg[1].recv()
+    prompts, answers = hello_pg.pop("prompts"), hello_pg.pop("answers")
+    trl_kw = trl_config(result["trl_bf16"]["choice"], total, f"{tmp}/trl")
+    trl = _start(ctx, trl_worker, prompts, answers, trl_kw, segments)
+    hello_trl = trl[1].recv()
+    workers = {"pg_lm": pg, "trl": trl}
+    blocks = _run_segments(workers, segments, args.warmup)
+    final = _finish(workers)
+    result["load1_end"] = load1()
+    seen = final["trl"].pop("first_prompts")
+    expected = [prompts[i * SAME["prompts_per_step"]] for i in range(total)]
+    result["same_prompts_checked"] = seen == expected == [s["first_prompt"] for b in blocks["pg_lm"] for s in b["steps"]]
+    peak = result["matmul_peak"]["bfloat16"]["flops_per_s"]
+    result["pg_lm"] = summarize(blocks["pg_lm"], final["pg_lm"], hello_pg["n_params"], peak)
+    result["trl"] = summarize(blocks["trl"], final["trl"], hello_trl["n_params"], peak)
+    result["step_time_ratio"] = result["pg_lm"]["median_step_s"] / result["trl"]["median_step_s"]
+    result["config"] = dict(SAME, warmup=args.warmup, steps_per_block=args.steps, blocks=args.blocks,
+                            model="smollm2-135m-instruct", pg_lm_baseline=args.pg_lm_baseline,
+                            pg_lm_precision=args.pg_lm_precision, pg_lm=hello_pg["config"], trl={**trl_kw, **hello_trl})
+    result["notes"] = NOTES
+    write_json(args.output, result)
+    print_table(result)
+    return 0 if result["same_prompts_checked"] else 1
+
+
+NOTES = [
+    "Each library runs in its own subprocess; blocks alternate pg_lm, TRL, pg_lm, TRL, ...; warm-up blocks are "
+    "excluded from all figures except reward_per_step.",
+    "pg_lm step time: wall clock around Trainer.train_step(); gen/update from its perf/gen_s and perf/train_s.",
+    "TRL step time: TrainerCallback on_step_begin -> on_step_end (generation, scoring, forward/backward, clip, "
+    "optimizer step; TRL's logging after on_step_end is outside). TRL generation: time inside model.generate "
+    "(instance wrapper); TRL update: step time minus time inside _generate_and_score_completions. Reward and "
+    "completion lengths: TRL's logged 'reward' and 'completions/mean_length'.",
+    "Training tokens/s = completion tokens / update seconds. MFU = 6 x params x update tokens / update seconds / "
+    "measured bf16 matmul FLOP/s; update tokens are real (non-pad) tokens run through the model in the update: "
+    "pg_lm runs each prompt once per group (shared KV cache) + the completions, TRL every prompt copy + the "
+    "completions (from the delta of its num_tokens). Padding and attention FLOPs are not counted.",
+    "peak_rss_mb: sampled every 10 ms in the library's process while its timed blocks ran; "
+    "max_rss_mb_process_lifetime: ru_maxrss of that process (includes model loading).",
+]
+
+
+def print_table(r: dict) -> None:
+    rows = [("median step (s)", "median_step_s", "{:.3f}"), ("generation tok/s", "gen_tokens_per_s", "{:.1f}"),
+            ("training tok/s", "train_tokens_per_s", "{:.1f}"), ("MFU (update)", "mfu_update", "{:.1%}"),
+            ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}"), ("reward (mean)", "reward_mean", "{:.3f}")]
+    print(f"\n{'':22}{'pg_lm':>12}{'TRL':>12}")
+    for label, key, fmt in rows:
+        print(f"{label:22}{fmt.format(r['pg_lm'][key]):>12}{fmt.format(r['trl'][key]):>12}")
+    print(f"step_time_ratio (pg_lm / TRL): {r['step_time_ratio']:.3f}; TRL bf16: {r['trl_bf16']['choice']}; "
+          f"load1 {r['load1_start']:.2f} -> {r['load1_end']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Process-level speed settings that are safe to apply at start-up.
+
+glibc returns freed large blocks to the OS (``munmap`` / heap trimming) and faults
+them back in on the next step: hundreds of thousands of page faults per training
+step for a 135M-parameter model on CPU. Keeping the memory mapped avoids that.
+The same effect as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /
+``MALLOC_TOP_PAD_`` in the environment, applied with ``mallopt`` so users need not
+set them. Disable with ``PG_LM_MALLOC_TUNING=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_done = False
+
+
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, top_pad: int = 256 << 20) -> bool:
+    """Apply the glibc malloc settings once; returns whether they were applied."""
+    global _done
+    if _done or not sys.platform.startswith("linux") or os.environ.get("PG_LM_MALLOC_TUNING", "1") == "0":
+        return _done
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = all(libc.mallopt(k, v) == 1 for k, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
+                                                    (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, top_pad)))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return False
+    _done = ok
+    return ok

@@ -1,0 +1,124 @@
+"""Worker for tests/test_lm_distributed.py: the gradient of ``Trainer.update`` on a FIXED
+global batch, whatever the number of processes and micro-batch size.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_grad_worker.py MODEL_DIR OUT_DIR [--train]
+    python tests/dist_grad_worker.py MODEL_DIR OUT_DIR          # one process, the whole batch
+
+The global batch has 8 rows (4 prompts x G = 2, prompts of different lengths, completions
+of lengths 1..8) and fixed advantages / returns. Process ``rank`` of ``world`` takes the
+contiguous rows ``[rank * 8 / world, (rank + 1) * 8 / world)``. ``trainer.opt.step`` is
+replaced by a function that copies every trainable parameter's gradient, so nothing moves
+and each case sees the same weights. Rank 0 writes ``OUT_DIR/grads_<world>.pt``:
+``{case: {param name: grad}}``. With ``--train`` it then runs one real training step with
+a held-out evaluation of 1 prompt (fewer prompts than processes) and writes
+``OUT_DIR/run/summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+PROMPT_IDS = [[10, 11, 12], [13, 14, 15, 16, 17, 18], [19], [20, 21, 22, 23, 24]]  # 4 prompts, P <= 6
+LENGTHS = [1, 5, 3, 8, 2, 7, 4, 6]  # completion lengths of the 8 rows (G = 2 per prompt)
+G, T = 2, 8
+
+# case -> overrides of the trainer's config (dataclasses.replace: validated like a new config)
+CASES = {
+    "token-mean": {},
+    "token-mean/micro3": {"micro_batch_size": 3},
+    "token-mean/micro2": {"micro_batch_size": 2},  # whole groups: the shared-prompt forward
+    "seq-mean-token-mean": {"loss_agg": "seq-mean-token-mean"},
+    "seq-mean-token-mean/micro3": {"loss_agg": "seq-mean-token-mean", "micro_batch_size": 3},
+    "seq-mean-token-sum-norm": {"loss_agg": "seq-mean-token-sum-norm"},
+    "seq-mean-token-sum-norm/micro3": {"loss_agg": "seq-mean-token-sum-norm", "micro_batch_size": 3},
+}
+GAE_CASES = {"gae": {}, "gae/micro3": {"micro_batch_size": 3}}
+
+
+def global_batch(pad_id: int):
+    """(Rollout, advantages, returns) of the whole global batch; identical in every process."""
+    from pg_lm.lm.sampling import Rollout
+
+    P = max(map(len, PROMPT_IDS))
+    prompt_ids = torch.full((4, P), pad_id)
+    prompt_mask = torch.zeros(4, P, dtype=torch.long)
+    for i, p in enumerate(PROMPT_IDS):  # left padding
+        prompt_ids[i, P - len(p) :] = torch.tensor(p)
+        prompt_mask[i, P - len(p) :] = 1
+    g = torch.Generator().manual_seed(1234)
+    completion_ids = torch.randint(4, 90, (8, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.tensor(LENGTHS)[:, None]).float()  # (8, T)
+    completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad_id))
+    adv = torch.randn(8, T, generator=g) * mask
+    returns = torch.randn(8, T, generator=g) * mask
+    batch = Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        completion_ids=completion_ids, completion_mask=mask, truncated=torch.zeros(8, dtype=torch.bool),
+        prompts=[f"p{i // G}" for i in range(8)], completions=[""] * 8, group_size=G,
+    )
+    return batch, adv, returns
+
+
+def make_trainer(model_dir: str, output_dir: str, **kw):
+    from datasets import Dataset
+
+    from pg_lm.lm import LMConfig
+    from pg_lm.lm.trainer import Trainer
+
+    kw = {"prompts_per_step": 4, "samples_per_prompt": G, "max_new_tokens": T, "max_grad_norm": None, "lr": 1e-3,
+          "progress": False, **kw}
+    cfg = LMConfig(model=model_dir, output_dir=output_dir, **kw)
+    return Trainer(cfg, [lambda prompts, completions, **_: [0.0] * len(completions)],
+                   Dataset.from_dict({"prompt": ["a", "bb", "ccc", "dddd"]}))
+
+
+def gradients(trainer, cases: dict, with_returns: bool) -> dict:
+    """{case: {name: grad}} from ``trainer.update`` on this process's share of the global batch."""
+    acc = trainer.acc
+    world, rank = acc.num_processes, acc.process_index
+    batch, adv, returns = global_batch(trainer.tok.pad_token_id)
+    rows = torch.arange(rank * 8 // world, (rank + 1) * 8 // world)
+    local = batch.select(rows, group_size=G)
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+        setattr(local, name, getattr(local, name).to(acc.device))
+    adv, returns = adv.to(acc.device), returns.to(acc.device)
+    named = [(n, p) for n, p in acc.unwrap_model(trainer.policy).named_parameters() if p.requires_grad]
+    captured: dict = {}
+    trainer.opt.step = lambda *a, **k: captured.update({n: p.grad.detach().cpu().clone() for n, p in named})
+    base, out = trainer.cfg, {}
+    for case, overrides in cases.items():
+        trainer.cfg = dataclasses.replace(base, **overrides)
+        captured.clear()
+        trainer.update(local, adv[rows], returns[rows] if with_returns else None)
+        assert captured, f"{case}: the optimizer step was never reached"
+        out[case] = dict(captured)
+    trainer.cfg = base
+    return out
+
+
+def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
+    out = Path(out_dir)
+    tr = make_trainer(model_dir, str(out / "grad_run"))
+    grads = gradients(tr, CASES, with_returns=False)
+    tr = make_trainer(model_dir, str(out / "grad_run_gae"), estimator="gae")
+    grads.update(gradients(tr, GAE_CASES, with_returns=True))
+    world = tr.acc.num_processes
+    if tr.acc.is_main_process:
+        torch.save(grads, out / f"grads_{world}.pt")
+    if train:
+        from datasets import Dataset
+
+        run = make_trainer(model_dir, str(out / "run"), max_steps=1, eval_size=1, save_model=False,
+                           max_new_tokens=4, eval_max_new_tokens=3)
+        run.eval_ds = Dataset.from_dict({"prompt": ["x", "yy", "zzz"]})
+        run.train()
+    return grads
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args[0], args[1], train="--train" in sys.argv)

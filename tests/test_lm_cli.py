@@ -1,0 +1,74 @@
+"""The ``pg-lm lm`` command line: bad flags exit with code 2 and a short message (no
+traceback); a broken reward function becomes ``error: ...`` and exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from lm_fixtures import prompt_dataset
+from pg_lm.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
+
+
+def exit_code_and_stderr(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+def test_unknown_estimator_exits_2(capsys):
+    code, err = exit_code_and_stderr(["lm", "--estimator", "nope"], capsys)
+    assert code == 2
+    assert "--estimator" in err and "nope" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [(["--lr", "-1"], "--lr must be > 0, got -1.0"),
+     (["--kl-estimator", "k1", "--kl-in", "loss", "--kl-coef", "0.1"], "--kl-estimator k1 belongs in the reward"),
+     (["--samples-per-prompt", "1"], "--baseline loo needs --samples-per-prompt >= 2"),
+     (["--max-steps", "0"], "--max-steps must be > 0")],
+)
+def test_invalid_values_exit_2_with_the_reason(argv, fragment, capsys):
+    code, err = exit_code_and_stderr(["lm", *argv], capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if fragment in ln]
+    assert len(lines) == 1 and "error" in lines[0]
+
+
+def test_invalid_value_message_is_one_line(capsys):
+    code, err = exit_code_and_stderr(["lm", "--lr", "-1"], capsys)
+    assert code == 2
+    assert err.strip() == "pg-lm lm: error: --lr must be > 0, got -1.0"
+
+
+def test_help_exits_0(capsys):
+    code, out = exit_code_and_stderr(["lm", "--help"], capsys)
+    assert code == 0
+
+
+def test_reward_error_becomes_one_error_line_and_exit_2(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    import pg_lm.tasks
+
+    def half_the_rewards(prompts, completions, **_):
+        return [1.0] * (len(completions) // 2)
+
+    ds = prompt_dataset(["a", "b", "c"], answer=["1", "2", "3"])
+    monkeypatch.setitem(pg_lm.tasks.TASKS, "arithmetic", lambda num_eval=100, seed=0: (ds, ds, [half_the_rewards]))
+    code = main(["lm", "--model", tiny_lm_dir, "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-size", "2",
+                 "--prompts-per-step", "1", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: reward function 'half_the_rewards' returned 1 values for 2 completions"]
+    assert "Traceback" not in err
+
+
+def test_cli_trains_the_tiny_model(tiny_lm_dir, tmp_path, capsys):
+    code = main(["lm", "--model", tiny_lm_dir, "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-size", "2",
+                 "--prompts-per-step", "1", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--progress", "false",
+                 "--save-model", "false"])
+    assert code == 0
+    assert (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoint-last").exists()
