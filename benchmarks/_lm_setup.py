@@ -78,9 +78,13 @@ def build_trl(prompts: list[str], answers: list[str], args: dict, callbacks=()):
     from trl import GRPOConfig, GRPOTrainer
 
     base = dict(report_to="none", save_strategy="no", push_to_hub=False, disable_tqdm=True)  # no side outputs
+    from transformers.trainer_callback import PrinterCallback
+
     cfg = GRPOConfig(**{**base, **args})
-    return GRPOTrainer(model=resolve_model(MODEL_NAME), reward_funcs=trl_reward, args=cfg,
-                       train_dataset=trl_dataset(prompts, answers), callbacks=list(callbacks))
+    trainer = GRPOTrainer(model=resolve_model(MODEL_NAME), reward_funcs=trl_reward, args=cfg,
+                          train_dataset=trl_dataset(prompts, answers), callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # a dict on stdout per log step; the callbacks keep what we need
+    return trainer
 
 
 class CallTimer:

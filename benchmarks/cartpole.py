@@ -25,7 +25,7 @@ pg_lm's per-update metrics file and progress bar are therefore not in the clock.
 
 Reported per library: median over ``--seeds`` of the time (and env steps) to the target.
 
-    python benchmarks/cartpole.py --seeds 0 1 2 --output results/cartpole.json
+    python benchmarks/cartpole.py --seeds 0 1 2 --output runs/bench/cartpole.json
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ class Evaluator:
 
 def run_pg_lm(args, seed: int) -> dict:
     """pg_lm.gym's training loop (train.py ``_loop``) with the evaluation hook."""
-    from pg_lm.gym import ALGOS, ActorCritic, Collector, GymConfig, make_envs, policy_spec, resolve, update
+    from pg_lm.gym import (ALGOS, ActorCritic, Collector, GymConfig, RewardScaler, make_envs, policy_spec,
+                           resolve, update)
 
     cfg = resolve(GymConfig(env=ENV, algo=args.pg_lm_algo, seed=seed, progress=False, threads=args.threads))
     algo, budget = ALGOS[cfg.algo], min(cfg.total_steps, args.max_steps or cfg.total_steps)
@@ -141,7 +142,7 @@ def run_pg_lm(args, seed: int) -> dict:
     spec = policy_spec(envs.single_observation_space, envs.single_action_space, cfg.hidden, algo.critic,
                        cfg.obs_norm, cfg.log_std_init)
     policy = ActorCritic(spec)
-    collector = Collector(envs, policy, seed, None)
+    collector = Collector(envs, policy, seed, RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_norm else None)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
 
     @torch.no_grad()
@@ -160,7 +161,7 @@ def run_pg_lm(args, seed: int) -> dict:
         if ev.due(collector.steps) and ev(act, collector.steps):
             break
     envs.close()
-    return dict(ev.result(collector.steps), algo=cfg.algo, config={k: v for k, v in vars(cfg).items()})
+    return dict(ev.result(collector.steps), algo=cfg.algo, config=dict(vars(cfg)))
 
 
 def run_sb3(args, algo: str, seed: int) -> dict:
@@ -209,7 +210,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-steps", type=int, default=None, help="env-step cap per run (default: each one's own budget)")
     p.add_argument("--target", type=float, default=475.0, help="evaluation mean return to reach")
@@ -218,7 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads for both libraries")
     p.add_argument("--pg-lm-algo", choices=("ppo", "a2c"), default="ppo")
     p.add_argument("--sb3-algos", nargs="+", choices=("ppo", "a2c"), default=["ppo", "a2c"])
-    p.add_argument("--output", default="results/cartpole.json")
+    p.add_argument("--output", default="runs/bench/cartpole.json")
     args = p.parse_args(argv)
     if args.eval_episodes < 20:
         p.error("--eval-episodes must be >= 20")
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:  # interleaved by seed, so drifts of the machine hit every library
         for name in runs:
             r = run_pg_lm(args, seed) if name == "pg_lm" else run_sb3(args, name[4:], seed)
-            print(f"seed {seed} {name}: {'%.2f s, %d steps' % (r['time_to_target_s'], r['steps_to_target']) if r['reached'] else 'not reached'}", flush=True)
+            done = f"{r['time_to_target_s']:.2f} s, {r['steps_to_target']} steps" if r["reached"] else "not reached"
+            print(f"seed {seed} {name}: {done}", flush=True)
             runs[name].append(r)
     result["load1_end"] = load1()
     for name, rs in runs.items():
@@ -246,8 +248,8 @@ def main(argv=None) -> int:
     result.update(pg_lm_time_to_475_s=result["pg_lm"]["median_time_to_target_s"],
                   sb3_time_to_475_s=sb3[best], sb3_fastest_algo=best[4:])
     write_json(args.output, result)
-    print(f"median time to {args.target}: pg_lm {result['pg_lm_time_to_475_s']} s; "
-          f"SB3 ({best[4:]}) {result['sb3_time_to_475_s']} s; load1 {result['load1_start']:.2f} -> {result['load1_end']:.2f}")
+    print(f"median time to {args.target}: pg_lm {result['pg_lm_time_to_475_s']} s; SB3 ({best[4:]}) "
+          f"{result['sb3_time_to_475_s']} s; load1 {result['load1_start']:.2f} -> {result['load1_end']:.2f}")
     return 0
 
 

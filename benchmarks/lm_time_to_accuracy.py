@@ -1,4 +1,4 @@
-"""pg_lm vs TRL's GRPOTrainer: wall-clock training time to a held-out greedy accuracy.
+r"""pg_lm vs TRL's GRPOTrainer: wall-clock training time to a held-out greedy accuracy.
 
 Each library trains at its own recommended defaults on the arithmetic task with the
 embedded SmolLM2-135M-Instruct:
@@ -22,7 +22,8 @@ the clock at the first evaluation reaching ``--time-to-accuracy`` (so it is reso
 ``--max-steps``; then it reports "not reached within cap". The libraries run one after
 the other, each in its own subprocess.
 
-    python benchmarks/lm_time_to_accuracy.py --time-to-accuracy 0.5 --max-seconds 1800 --output results/lm_tta.json
+    python benchmarks/lm_time_to_accuracy.py --time-to-accuracy 0.5 --max-seconds 1800 \
+        --output runs/bench/lm_time_to_accuracy.json
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def pg_lm_run(conn, args, output_dir: str) -> None:
     trainer = build_pg_lm(dict(max_steps=args.max_steps, max_seconds=None), output_dir)
     lm, bf16 = trainer.acc.unwrap_model(trainer.policy).lm, trainer.cfg.mixed_precision == "bf16"
     track = Tracker(lambda: greedy_accuracy(lm, trainer.tok, bf16), args.time_to_accuracy, args.max_seconds)
+    track.clock = Clock()  # from here on: the first training step follows the (excluded) first evaluation
     stop = "target" if track.eval_now(0) else "max_steps"
-    track.clock = Clock()  # the clock starts at the first training step
     while stop != "target" and trainer.step < args.max_steps:
         if track.out_of_time():
             stop = "max_seconds"
@@ -129,12 +130,13 @@ def trl_run(conn, args, output_dir: str) -> None:
 
     class TimeToAccuracy(TrainerCallback):
         def on_train_begin(self, a, s, control, **kw):
+            track.clock = Clock()  # from here on: the first training step follows the (excluded) first evaluation
             if track.eval_now(0):
                 state["stop"], control.should_training_stop = "target", True
-            track.clock = Clock()  # the clock starts at the first training step
 
         def on_step_end(self, a, s, control, **kw):
-            if (s.global_step % args.eval_every == 0 or s.global_step == args.max_steps) and track.eval_now(s.global_step):
+            due = s.global_step % args.eval_every == 0 or s.global_step == args.max_steps
+            if due and track.eval_now(s.global_step):
                 state["stop"], control.should_training_stop = "target", True
             elif track.out_of_time():
                 state["stop"], control.should_training_stop = "max_seconds", True
@@ -161,7 +163,7 @@ def run_in_subprocess(target, args, output_dir: str) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--time-to-accuracy", type=float, default=0.5, help="held-out greedy accuracy to reach")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="cap on the training clock (eval excluded)")
     p.add_argument("--max-steps", type=int, default=400, help="step budget (TRL's linear lr decay spans it)")
@@ -169,7 +171,7 @@ def parse_args(argv=None):
     p.add_argument("--libraries", nargs="+", choices=("pg_lm", "trl"), default=["pg_lm", "trl"])
     p.add_argument("--trl-bf16", choices=("default", "true", "false"), default="default",
                    help="TRL precision; default = GRPOConfig's own default (bf16=True)")
-    p.add_argument("--output", default="results/lm_time_to_accuracy.json")
+    p.add_argument("--output", default="runs/bench/lm_time_to_accuracy.json")
     args = p.parse_args(argv)
     if args.eval_every < 1 or args.max_steps < 1 or args.max_seconds <= 0:
         p.error("--eval-every and --max-steps must be >= 1, --max-seconds > 0")

@@ -26,11 +26,12 @@ leave-one-out). TRL's gradient checkpointing is off (pg_lm has none; it only slo
 
 Timing: pg_lm -- wall clock around ``Trainer.train_step()``; its ``perf/gen_s`` (sampling)
 and ``perf/train_s`` (the update). TRL -- a TrainerCallback from ``on_step_begin`` to
-``on_step_end``; generation = time inside ``model.generate`` (instance wrapper), update =
+``on_step_end``; generation = time inside ``GRPOTrainer._generate`` (chat template,
+tokenization, ``model.generate``, decoding -- what pg_lm's sampling does), update =
 step time minus time inside ``_generate_and_score_completions`` (generation + reward
 scoring + advantages); reward and completion lengths from TRL's own logged metrics.
 
-    python benchmarks/lm_vs_trl.py --output results/lm_vs_trl.json
+    python benchmarks/lm_vs_trl.py --output runs/bench/lm_vs_trl.json
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RssSampler, matmul_peak, load1, machine_info, max_rss_mb, median, write_json  # noqa: E402
+from _common import RssSampler, load1, machine_info, matmul_peak, max_rss_mb, median, write_json  # noqa: E402
 
 SAME = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0,
             lr=1e-5, lora_r=0, kl_coef=0.0, chat_template=True, max_grad_norm=1.0, weight_decay=0.0,
@@ -110,10 +111,11 @@ def _block_callback(conn, starts: set, trainer):
 
     from _lm_setup import CallTimer
 
-    gen, rollout = CallTimer(trainer.model, "generate"), CallTimer(trainer, "_generate_and_score_completions")
+    gen, rollout = CallTimer(trainer, "_generate"), CallTimer(trainer, "_generate_and_score_completions")
 
     class Blocks(TrainerCallback):
-        rows, rss, last_tokens, t0 = [], None, 0, 0.0
+        def __init__(self):
+            self.rows, self.rss, self.last_tokens, self.t0 = [], None, 0, 0.0
 
         def report(self):
             if self.rss is not None:
@@ -200,25 +202,25 @@ def _segments(warmup: int, steps: int, blocks: int) -> list[int]:
 
 
 def probe_trl_bf16(ctx, prompts, answers, probe_steps: int, tmp: str) -> dict:
-    """TRL with bf16=True and with bf16=False, 1 warm-up + ``probe_steps`` steps each; the
-    faster one that runs wins."""
-    probe = {}
-    for bf16 in (True, False):
-        segments = [1, probe_steps]
-        try:
-            proc, conn = _start(ctx, trl_worker, prompts, answers,
-                                trl_config(bf16, sum(segments), f"{tmp}/probe_{bf16}"), segments)
-            conn.recv()
-            blocks = _run_segments({"trl": (proc, conn)}, segments, 1)["trl"]
-            _finish({"trl": (proc, conn)})
-            probe[str(bf16).lower()] = median(s["step_s"] for s in blocks[1]["steps"])
-        except (EOFError, OSError) as e:  # the worker died: this setting does not run here
-            probe[str(bf16).lower()] = f"failed: {e!r}"
-    timed = {k: v for k, v in probe.items() if isinstance(v, float)}
-    return dict(probe_median_step_s=probe, choice=min(timed, key=timed.get) == "true")
+    """TRL with bf16=True and with bf16=False, alive side by side and alternating step by step
+    (1 warm-up + ``probe_steps`` each); the faster wins. If bf16 fails here, fp32 it is."""
+    segments, workers = [1] * (1 + probe_steps), {}
+    try:
+        for bf16 in (True, False):
+            kw = trl_config(bf16, len(segments), f"{tmp}/probe_{bf16}")
+            workers[str(bf16).lower()] = _start(ctx, trl_worker, prompts, answers, kw, segments)
+            workers[str(bf16).lower()][1].recv()
+        blocks = _run_segments(workers, segments, warmup=1)
+        _finish(workers)
+    except (EOFError, OSError) as e:  # a worker died: that setting does not run on this machine
+        for proc, _ in workers.values():
+            proc.kill()
+        return dict(choice=False, probe_median_step_s=None, probe_error=repr(e))
+    probe = {k: median(s["step_s"] for b in bl if not b["warmup"] for s in b["steps"]) for k, bl in blocks.items()}
+    return dict(choice=probe["true"] < probe["false"], probe_median_step_s=probe)
 
 
-def summarize(blocks: list[dict], final: dict, n_params: int, peak_flops: float) -> dict:
+def summarize(blocks: list[dict], final: dict, n_params: int, peaks: dict) -> dict:
     timed = [s for b in blocks if not b["warmup"] for s in b["steps"]]
     every = [s for b in blocks for s in b["steps"]]
     tot = lambda key: sum(s[key] for s in timed)
@@ -229,7 +231,8 @@ def summarize(blocks: list[dict], final: dict, n_params: int, peak_flops: float)
         "median_train_s": median(s["train_s"] for s in timed),
         "gen_tokens_per_s": tot("completion_tokens") / tot("gen_s"),
         "train_tokens_per_s": tot("completion_tokens") / train_s,
-        "mfu_update": 6 * n_params * tot("update_tokens") / train_s / peak_flops,
+        "mfu_update": 6 * n_params * tot("update_tokens") / train_s / peaks["bfloat16"]["flops_per_s"],
+        "mfu_update_vs_fp32_peak": 6 * n_params * tot("update_tokens") / train_s / peaks["float32"]["flops_per_s"],
         "peak_rss_mb": max(b["peak_rss_mb"] for b in blocks if not b["warmup"]),
         "max_rss_mb_process_lifetime": final["max_rss_mb"],
         "reward_mean": sum(s.get("reward", float("nan")) for s in timed) / len(timed),
@@ -242,7 +245,7 @@ def summarize(blocks: list[dict], final: dict, n_params: int, peak_flops: float)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="steps per timed block (K)")
     p.add_argument("--blocks", type=int, default=4, help="timed blocks per library")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per library")
@@ -253,7 +256,7 @@ def parse_args(argv=None):
                    help="grpo: group mean / group std, as TRL; recipe: the recipe's leave-one-out")
     p.add_argument("--pg-lm-precision", choices=("match-trl", "recipe", "bf16", "no"), default="match-trl",
                    help="pg_lm mixed precision: match-trl = bf16 autocast iff TRL uses it (the recipe uses bf16)")
-    p.add_argument("--output", default="results/lm_vs_trl.json")
+    p.add_argument("--output", default="runs/bench/lm_vs_trl.json")
     args = p.parse_args(argv)
     if min(args.steps, args.blocks) < 1 or args.warmup < 0:
         p.error("--steps and --blocks must be >= 1, --warmup >= 0")
@@ -292,10 +295,10 @@ def main(argv=None) -> int:
     result["load1_end"] = load1()
     seen = final["trl"].pop("first_prompts")
     expected = [prompts[i * SAME["prompts_per_step"]] for i in range(total)]
-    result["same_prompts_checked"] = seen == expected == [s["first_prompt"] for b in blocks["pg_lm"] for s in b["steps"]]
-    peak = result["matmul_peak"]["bfloat16"]["flops_per_s"]
-    result["pg_lm"] = summarize(blocks["pg_lm"], final["pg_lm"], hello_pg["n_params"], peak)
-    result["trl"] = summarize(blocks["trl"], final["trl"], hello_trl["n_params"], peak)
+    used = [s["first_prompt"] for b in blocks["pg_lm"] for s in b["steps"]]
+    result["same_prompts_checked"] = seen == expected == used
+    result["pg_lm"] = summarize(blocks["pg_lm"], final["pg_lm"], hello_pg["n_params"], result["matmul_peak"])
+    result["trl"] = summarize(blocks["trl"], final["trl"], hello_trl["n_params"], result["matmul_peak"])
     result["step_time_ratio"] = result["pg_lm"]["median_step_s"] / result["trl"]["median_step_s"]
     result["config"] = dict(SAME, warmup=args.warmup, steps_per_block=args.steps, blocks=args.blocks,
                             model="smollm2-135m-instruct", pg_lm_baseline=args.pg_lm_baseline,
@@ -311,13 +314,15 @@ NOTES = [
     "excluded from all figures except reward_per_step.",
     "pg_lm step time: wall clock around Trainer.train_step(); gen/update from its perf/gen_s and perf/train_s.",
     "TRL step time: TrainerCallback on_step_begin -> on_step_end (generation, scoring, forward/backward, clip, "
-    "optimizer step; TRL's logging after on_step_end is outside). TRL generation: time inside model.generate "
-    "(instance wrapper); TRL update: step time minus time inside _generate_and_score_completions. Reward and "
-    "completion lengths: TRL's logged 'reward' and 'completions/mean_length'.",
+    "optimizer step; TRL's logging after on_step_end is outside). TRL generation: time inside "
+    "GRPOTrainer._generate (chat template, tokenize, model.generate, decode; instance wrapper); TRL update: "
+    "step time minus time inside _generate_and_score_completions. Reward and completion lengths: TRL's logged "
+    "'reward' and 'completions/mean_length'.",
     "Training tokens/s = completion tokens / update seconds. MFU = 6 x params x update tokens / update seconds / "
-    "measured bf16 matmul FLOP/s; update tokens are real (non-pad) tokens run through the model in the update: "
-    "pg_lm runs each prompt once per group (shared KV cache) + the completions, TRL every prompt copy + the "
-    "completions (from the delta of its num_tokens). Padding and attention FLOPs are not counted.",
+    "measured bf16 matmul FLOP/s (mfu_update_vs_fp32_peak: against the fp32 one); update tokens are real "
+    "(non-pad) tokens run through the model in the update: pg_lm runs each prompt once per group (shared KV "
+    "cache) + the completions, TRL every prompt copy + the completions (from the delta of its num_tokens). "
+    "Padding and attention FLOPs are not counted.",
     "peak_rss_mb: sampled every 10 ms in the library's process while its timed blocks ran; "
     "max_rss_mb_process_lifetime: ru_maxrss of that process (includes model loading).",
 ]

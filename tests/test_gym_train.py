@@ -77,6 +77,18 @@ def test_seeded_runs_are_reproducible(tmp_path):
     assert first != run("c", seed=1)
 
 
+def test_callback_sees_every_update_and_can_stop(tmp_path):
+    seen = []
+
+    def callback(policy, row):
+        seen.append(row["env_steps"])
+        return row["env_steps"] >= 1024
+
+    summary = train(GymConfig(total_steps=4096, eval_episodes=2, output_dir=str(tmp_path), progress=False), callback)
+    assert seen == [512, 1024] and summary["env_steps"] == 1024
+    assert [r["env_steps"] for r in _rows(tmp_path)] == seen
+
+
 def test_train_leaves_callers_torch_state_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -94,6 +106,7 @@ def test_train_leaves_callers_torch_state_alone(tmp_path):
     (["--no-such-flag", "1"], "unrecognized arguments"),
     (["--env", "FrozenLake-v1"], "observations must be a flat Box"),
     (["--env", "Pendulum-v1", "--vector-mode", "vector_entry_point"], "no native vector"),
+    (["--minibatches", "100000"], "exceeds the rollout size"),  # only known once the defaults are filled in
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, match):
     code = cli_main(["gym", "--output-dir", str(tmp_path), "--progress", "false", "--total-steps", "64", *argv])

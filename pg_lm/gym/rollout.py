@@ -125,6 +125,8 @@ class Collector:
             self.obs, _ = self.envs.reset()
             self.prev_done[:] = False
             self.ep_return[:], self.ep_length[:] = 0.0, 0
+            if self.scaler is not None:
+                self.scaler.ret[:] = 0.0
             limit = n_steps + (_time_limit(self.envs) or n_steps)
         open_ = np.ones(self.envs.num_envs, bool)  # the env's current episode belongs to the batch
         rows: list[_Step] = []

@@ -12,6 +12,7 @@ import contextlib
 import io
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,41 +28,57 @@ from .rollout import Collector, RewardScaler
 
 RECENT = 20  # episodes in the "recent training return" (progress bar, early-stop trigger)
 
+# called after every update with the policy and that update's metrics row; True stops training
+Callback = Callable[[ActorCritic, dict], "bool | None"]
+
 
 class UsageError(ValueError):
     """Bad user input (flags, env, spaces): the CLI prints it as one line and exits 2."""
 
 
-def train(cfg: GymConfig) -> dict:
+def train(cfg: GymConfig, callback: Callback | None = None) -> dict:
     """Train ``cfg.algo`` on ``cfg.env``, write the run's outputs, return the summary.
+
+    ``callback(policy, metrics_row)`` runs after every update (custom evaluations,
+    benchmarks' own stopping rules); returning True ends training early, and the final
+    evaluation and outputs still happen.
 
     Seeding happens inside a forked RNG and the thread count is restored, so calling
     this does not change the caller's torch state.
     """
-    cfg = resolve(cfg)
+    try:
+        cfg = resolve(cfg)  # validates the filled-in combination (e.g. minibatches vs rollout size) again
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            return _train(cfg, ALGOS[cfg.algo])
+            return _train(cfg, ALGOS[cfg.algo], callback)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: GymConfig, algo: Algo) -> dict:
-    t0 = time.perf_counter()
+def _setup(cfg: GymConfig, algo: Algo) -> tuple:
+    """The vector env and the policy; an env or space we cannot handle is a UsageError."""
     try:
         envs = make_envs(cfg.env, cfg.num_envs, cfg.vector_mode)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        try:
-            spec = policy_spec(envs.single_observation_space, envs.single_action_space, cfg.hidden,
-                               algo.critic, cfg.obs_norm, cfg.log_std_init)
-        except ValueError as e:
-            raise UsageError(f"{cfg.env}: {e}") from None
-        policy = ActorCritic(spec)
+        spec = policy_spec(envs.single_observation_space, envs.single_action_space, cfg.hidden,
+                           algo.critic, cfg.obs_norm, cfg.log_std_init)
+    except ValueError as e:
+        envs.close()
+        raise UsageError(f"{cfg.env}: {e}") from None
+    return envs, ActorCritic(spec)
+
+
+def _train(cfg: GymConfig, algo: Algo, callback: Callback | None) -> dict:
+    t0 = time.perf_counter()
+    envs, policy = _setup(cfg, algo)
+    try:
         scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_norm else None
         collector = Collector(envs, policy, cfg.seed, scaler)
         writer = RunWriter(cfg.output_dir)
@@ -69,7 +86,7 @@ def _train(cfg: GymConfig, algo: Algo) -> dict:
         # created before the clock starts: the first optimizer imports torch._dynamo (~1 s, once per process)
         opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
         start = time.perf_counter()
-        hit = _loop(cfg, algo, policy, opt, collector, writer, start)
+        hit = _loop(cfg, algo, policy, opt, collector, writer, start, callback)
         return _finish(cfg, policy, collector, writer, start, t0, hit)
     finally:
         envs.close()
@@ -93,7 +110,7 @@ def _log_row(collector: Collector, stats: dict, lr: float, elapsed: float) -> di
 
 
 def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, opt: torch.optim.Optimizer, collector: Collector,
-          writer: RunWriter, start: float) -> dict | None:
+          writer: RunWriter, start: float, callback: Callback | None) -> dict | None:
     """Train until ``total_steps`` (or the target). Returns the early-stop record, if any."""
     bar = tqdm(total=cfg.total_steps, unit="step", disable=not cfg.progress, desc=f"{cfg.algo} {cfg.env}")
     hit = None
@@ -103,7 +120,8 @@ def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, opt: torch.optim.Opti
             group["lr"] = lr
         before = collector.steps
         # the last fixed-length rollout is shortened so that a run never exceeds total_steps by a rollout
-        n = cfg.n_steps if algo.complete_episodes else min(cfg.n_steps, -(-(cfg.total_steps - before) // cfg.num_envs))
+        left = -(-(cfg.total_steps - before) // cfg.num_envs)  # ceil: steps per env still in the budget
+        n = cfg.n_steps if algo.complete_episodes else min(cfg.n_steps, left)
         batch = collector.collect(n, complete=algo.complete_episodes)
         adv, returns = algo.advantage(batch, cfg.gamma, cfg.gae_lambda)  # (B, T) each
         stats = update(policy, opt, batch, adv, returns, cfg, algo)
@@ -111,6 +129,8 @@ def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, opt: torch.optim.Opti
         writer.log(row, step=collector.steps)
         bar.update(collector.steps - before)
         bar.set_postfix(ret=f"{_recent(collector):.1f}", sps=f"{row['perf/steps_per_s']:.0f}", refresh=False)
+        if callback is not None and callback(policy, row):
+            break
         if cfg.target_return is not None and _recent(collector) >= cfg.target_return:
             # the stochastic training return only triggers the check; the deterministic eval decides
             returns_eval = evaluate(policy, cfg.env, cfg.eval_episodes, cfg.seed + 10_000, cfg.vector_mode)
@@ -124,7 +144,8 @@ def _loop(cfg: GymConfig, algo: Algo, policy: ActorCritic, opt: torch.optim.Opti
 def _finish(cfg: GymConfig, policy: ActorCritic, collector: Collector, writer: RunWriter, start: float,
             t0: float, hit: dict | None) -> dict:
     """Final evaluation, summary.json, policy.pt, returns.png. ``train_s`` and
-    ``time_to_target_s`` count from the first rollout; ``wall_s`` is the whole call."""
+    ``time_to_target_s`` count from the first rollout (in-loop evaluations included);
+    ``wall_s`` from env creation to the final evaluation (imports and file writing excluded)."""
     train_s = time.perf_counter() - start
     # an early stop already evaluated this very policy: reuse it rather than run it again
     returns = hit["returns"] if hit else evaluate(policy, cfg.env, cfg.eval_episodes, cfg.seed + 10_000,

@@ -63,7 +63,9 @@ class LMConfig:
     lora_alpha: int = arg(32, "LoRA α")
     lora_dropout: float = arg(0.0, "LoRA dropout")
     lora_target_modules: list[str] = arg(["all-linear"], "LoRA target modules (names, or all-linear)")
-    mixed_precision: str = arg("no", "Accelerate mixed precision (fp32 master weights, fp32 log-softmax)", ("no", "bf16", "fp16"))
+    mixed_precision: str = arg("auto", "Accelerate mixed precision (fp32 master weights, fp32 log-softmax); auto = "
+                               "bf16 where the hardware has fast bf16 matmuls (CUDA, or a CPU with AMX), else no",
+                               ("auto", "no", "bf16", "fp16"))
     # evaluation, logging, checkpoints
     eval_every: int = arg(0, "greedy held-out evaluation every N steps (0 = only before and after)")
     eval_size: int = arg(100, "held-out prompts evaluated")

@@ -126,7 +126,10 @@ def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k:
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    # inverse-CDF sampling: one uniform per row (multinomial draws an exponential per vocab entry)
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
