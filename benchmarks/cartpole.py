@@ -2,8 +2,8 @@
 
 Each library at its own tuned CartPole settings:
 
-* pg_lm: ``--pg-lm-algo`` (default ppo) with its per-env defaults (``pg_lm/gym/config.py``
-  DEFAULTS: 16 envs x 32 steps, lr 3e-3 annealed over 100k steps, ...);
+* pg_lm: ``pg_lm.gym.train`` with ``--pg-lm-algo`` (default ppo) at its per-env defaults
+  (``pg_lm/gym/config.py`` DEFAULTS, resolved and recorded in the JSON);
 * SB3: rl-baselines3-zoo's tuned ``hyperparams/ppo.yml`` and ``a2c.yml`` rows for CartPole-v1
   (PPO: 8 envs, n_steps 32, batch 256, gae_lambda 0.8, gamma 0.98, 20 epochs, ent_coef 0,
   lr lin_0.001, clip lin_0.2, 1e5 steps; A2C: 8 envs, ent_coef 0, SB3 defaults otherwise,
@@ -12,16 +12,12 @@ Each library at its own tuned CartPole settings:
 Every ``--eval-every`` environment steps the current policy plays ``--eval-episodes``
 deterministic episodes (argmax action; one fresh env per episode, the same seeds for
 every library) with one evaluation function for both libraries; a run stops at the first
-evaluation whose mean return is >= ``--target`` (SB3: a ``BaseCallback`` returning
-False; pg_lm: the same check after each update). The clock is the wall time from the
-first training step **minus evaluation time** (for both libraries). Runs that do not get
+evaluation whose mean return is >= ``--target``: SB3 through a ``BaseCallback`` that
+returns False, pg_lm through ``train(cfg, callback)``'s per-update callback returning True.
+The clock is each library's wall time from its first training step **minus evaluation
+time** (for both libraries): SB3's from ``_on_training_start``; pg_lm's own training clock,
+read from its metrics row (``env_steps / perf/steps_per_s``). Runs that do not get
 there within their own step budget (or ``--max-steps``) count as not reached.
-
-pg_lm runs from its public pieces (``resolve``, ``make_envs``, ``ActorCritic``,
-``Collector``, ``ALGOS``, ``update``) in the same order as ``pg_lm.gym.train``, because
-``train()`` offers no per-update hook: its own ``--target-return`` only evaluates once
-the training return reaches the target and counts evaluation time in its clock.
-pg_lm's per-update metrics file and progress bar are therefore not in the clock.
 
 Reported per library: median over ``--seeds`` of the time (and env steps) to the target.
 
@@ -33,8 +29,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,24 +62,6 @@ def zoo_kwargs(row: dict) -> dict:
     return {k: value(v) for k, v in row.items() if k not in ("n_envs", "n_timesteps")}
 
 
-class Clock:
-    """Wall time since ``start()``, minus the time spent inside ``paused()``."""
-
-    def start(self) -> None:
-        self.t0, self.excluded = time.perf_counter(), 0.0
-
-    def now(self) -> float:
-        return time.perf_counter() - self.t0 - self.excluded
-
-    @contextmanager
-    def paused(self):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - t0
-
-
 def deterministic_return(act, episodes: int, seed: int) -> float:
     """Mean return of ``episodes`` deterministic episodes, one env each, all started together.
     ``act``: (N, 4) observations -> (N,) actions."""
@@ -103,65 +81,60 @@ def deterministic_return(act, episodes: int, seed: int) -> float:
 
 
 class Evaluator:
-    """Evaluates every ``every`` env steps off the clock; remembers when the target was first met."""
+    """Evaluates every ``every`` env steps; keeps evaluation time off the clock and remembers
+    when the target was first met."""
 
     def __init__(self, args, seed: int):
         self.every, self.episodes, self.target = args.eval_every, args.eval_episodes, args.target
-        self.seed, self.clock, self.next_at, self.curve, self.hit = seed + 10_000, Clock(), args.eval_every, [], None
+        self.seed, self.next_at, self.excluded, self.curve, self.hit = seed + 10_000, args.eval_every, 0.0, [], None
 
     def due(self, steps: int) -> bool:
         return steps >= self.next_at
 
-    def __call__(self, act, steps: int) -> bool:
-        """Evaluate now; True when the target is reached."""
+    def __call__(self, act, steps: int, elapsed: float) -> bool:
+        """Evaluate now; True when the target is reached. ``elapsed``: the library's wall time
+        since its first training step, earlier evaluations included."""
         while self.next_at <= steps:
             self.next_at += self.every
-        with self.clock.paused():
-            mean = deterministic_return(act, self.episodes, self.seed)
-        self.curve.append((steps, round(self.clock.now(), 3), mean))
-        if mean >= self.target:
-            self.hit = dict(steps=steps, seconds=self.clock.now())
+        train_s = elapsed - self.excluded
+        t0 = time.perf_counter()
+        mean = deterministic_return(act, self.episodes, self.seed)
+        self.excluded += time.perf_counter() - t0
+        self.curve.append((steps, round(train_s, 3), mean))
+        if mean >= self.target and self.hit is None:
+            self.hit = dict(steps=steps, seconds=train_s)
         return self.hit is not None
 
-    def result(self, steps: int) -> dict:
+    def result(self, steps: int, elapsed: float) -> dict:
         return dict(reached=self.hit is not None, time_to_target_s=self.hit and self.hit["seconds"],
-                    steps_to_target=self.hit and self.hit["steps"], env_steps=steps, train_s=self.clock.now(),
-                    eval_s_excluded=self.clock.excluded, evals=self.curve)
+                    steps_to_target=self.hit and self.hit["steps"], env_steps=steps,
+                    train_s=elapsed - self.excluded, eval_s_excluded=self.excluded, evals=self.curve)
 
 
-def run_pg_lm(args, seed: int) -> dict:
-    """pg_lm.gym's training loop (train.py ``_loop``) with the evaluation hook."""
-    from pg_lm.gym import (ALGOS, ActorCritic, Collector, GymConfig, RewardScaler, make_envs, policy_spec,
-                           resolve, update)
+def run_pg_lm(args, seed: int, output_dir: str) -> dict:
+    """``pg_lm.gym.train`` with a per-update callback that evaluates and stops at the target."""
+    from pg_lm.gym import GymConfig, resolve, train
 
-    cfg = resolve(GymConfig(env=ENV, algo=args.pg_lm_algo, seed=seed, progress=False, threads=args.threads))
-    algo, budget = ALGOS[cfg.algo], min(cfg.total_steps, args.max_steps or cfg.total_steps)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(seed)
-    envs = make_envs(cfg.env, cfg.num_envs, cfg.vector_mode)
-    spec = policy_spec(envs.single_observation_space, envs.single_action_space, cfg.hidden, algo.critic,
-                       cfg.obs_norm, cfg.log_std_init)
-    policy = ActorCritic(spec)
-    collector = Collector(envs, policy, seed, RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_norm else None)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
-
-    @torch.no_grad()
-    def act(obs):
-        return policy.head.to_env(policy.act(policy.normalize(obs), deterministic=True)[0])
-
+    cfg = resolve(GymConfig(env=ENV, algo=args.pg_lm_algo, seed=seed, progress=False, threads=args.threads,
+                            output_dir=output_dir))
+    cap = min(cfg.total_steps, args.max_steps or cfg.total_steps)
     ev = Evaluator(args, seed)
-    ev.clock.start()
-    while collector.steps < budget:
-        lr = cfg.lr * (1.0 - collector.steps / cfg.total_steps) if cfg.anneal_lr else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = collector.collect(cfg.n_steps, complete=algo.complete_episodes)
-        adv, returns = algo.advantage(batch, cfg.gamma, cfg.gae_lambda)  # (B, T) each
-        update(policy, opt, batch, adv, returns, cfg, algo)
-        if ev.due(collector.steps) and ev(act, collector.steps):
-            break
-    envs.close()
-    return dict(ev.result(collector.steps), algo=cfg.algo, config=dict(vars(cfg)))
+
+    def callback(policy, row: dict) -> bool:
+        steps = row["env_steps"]
+        if ev.due(steps):
+            elapsed = steps / row["perf/steps_per_s"]  # pg_lm's clock: seconds since its first rollout
+
+            @torch.no_grad()
+            def act(obs):
+                return policy.head.to_env(policy.act(policy.normalize(obs), deterministic=True)[0])
+
+            if ev(act, steps, elapsed):
+                return True
+        return steps >= cap
+
+    summary = train(cfg, callback)  # its final evaluation and output files come after its clock stops
+    return dict(ev.result(summary["env_steps"], summary["train_s"]), algo=cfg.algo, config=dict(vars(cfg)))
 
 
 def run_sb3(args, algo: str, seed: int) -> dict:
@@ -175,22 +148,24 @@ def run_sb3(args, algo: str, seed: int) -> dict:
     torch.set_num_threads(args.threads)
     env = make_vec_env(ENV, n_envs=zoo["n_envs"], seed=seed)
     model = {"ppo": PPO, "a2c": A2C}[algo]("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **zoo_kwargs(zoo))
-    ev = Evaluator(args, seed)
+    ev, clock = Evaluator(args, seed), {}
     act = lambda obs: model.predict(obs, deterministic=True)[0]
 
     class EvalStop(BaseCallback):
         def _on_training_start(self) -> None:
-            ev.clock.start()
+            clock["start"] = time.perf_counter()
 
         def _on_step(self) -> bool:
             if self.num_timesteps >= budget:
                 return False
-            return not (ev.due(self.num_timesteps) and ev(act, self.num_timesteps))
+            elapsed = time.perf_counter() - clock["start"]
+            return not (ev.due(self.num_timesteps) and ev(act, self.num_timesteps, elapsed))
 
     # the schedules span rl-zoo's n_timesteps, whatever --max-steps cuts off
     model.learn(total_timesteps=zoo["n_timesteps"], callback=EvalStop())
+    elapsed = time.perf_counter() - clock["start"]
     env.close()
-    return dict(ev.result(model.num_timesteps), algo=algo, config=dict(zoo, policy="MlpPolicy"))
+    return dict(ev.result(model.num_timesteps, elapsed), algo=algo, config=dict(zoo, policy="MlpPolicy"))
 
 
 def median_time(runs: list[dict]) -> float | None:
@@ -214,7 +189,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-steps", type=int, default=None, help="env-step cap per run (default: each one's own budget)")
     p.add_argument("--target", type=float, default=475.0, help="evaluation mean return to reach")
-    p.add_argument("--eval-every", type=int, default=2000, help="env steps between evaluations")
+    p.add_argument("--eval-every", type=int, default=1000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=20, help="deterministic episodes per evaluation")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both libraries")
     p.add_argument("--pg-lm-algo", choices=("ppo", "a2c"), default="ppo")
@@ -228,6 +203,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench_cartpole_")  # pg_lm's run outputs
     result = dict(benchmark="cartpole", load1_start=load1(),
                   machine=machine_info(("torch", "gymnasium", "stable_baselines3", "numpy")),
                   target=args.target, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
@@ -236,7 +212,7 @@ def main(argv=None) -> int:
     runs = {"pg_lm": [], **{f"sb3_{a}": [] for a in args.sb3_algos}}
     for seed in args.seeds:  # interleaved by seed, so drifts of the machine hit every library
         for name in runs:
-            r = run_pg_lm(args, seed) if name == "pg_lm" else run_sb3(args, name[4:], seed)
+            r = run_pg_lm(args, seed, f"{tmp}/seed{seed}") if name == "pg_lm" else run_sb3(args, name[4:], seed)
             done = f"{r['time_to_target_s']:.2f} s, {r['steps_to_target']} steps" if r["reached"] else "not reached"
             print(f"seed {seed} {name}: {done}", flush=True)
             runs[name].append(r)

@@ -3,9 +3,10 @@ r"""pg_lm vs TRL's GRPOTrainer: wall-clock training time to a held-out greedy ac
 Each library trains at its own recommended defaults on the arithmetic task with the
 embedded SmolLM2-135M-Instruct:
 
-* pg_lm: ``recipes/arithmetic.py`` DEFAULTS (RLOO, 4 prompts x 4 samples, 24 new tokens,
-  lr 1e-5, bf16 autocast), except that this script's cap replaces the recipe's
-  ``max_seconds`` and ``--max-steps`` its ``max_steps`` (default: the recipe's 400);
+* pg_lm: ``recipes/arithmetic.py`` DEFAULTS, read from the file at run time (RLOO, 4
+  prompts x 4 samples, 24 new tokens, its lr and ``mixed_precision``; the JSON records them
+  and the precision "auto" resolved to), except that this script's cap replaces the
+  recipe's ``max_seconds`` and ``--max-steps`` its ``max_steps`` (default: 400);
 * TRL: ``GRPOConfig`` defaults, except what the task needs -- ``num_generations=4``,
   ``per_device_train_batch_size=16`` (4 prompts x 4), ``max_completion_length=24``,
   ``max_steps`` -- and what keeps it off the Hub and the disk (``report_to="none"``,
@@ -93,9 +94,9 @@ def pg_lm_run(conn, args, output_dir: str) -> None:
     from _lm_setup import build_pg_lm, greedy_accuracy
 
     trainer = build_pg_lm(dict(max_steps=args.max_steps, max_seconds=None), output_dir)
-    lm, bf16 = trainer.acc.unwrap_model(trainer.policy).lm, trainer.cfg.mixed_precision == "bf16"
+    lm, bf16 = trainer.acc.unwrap_model(trainer.policy).lm, trainer.acc.mixed_precision == "bf16"
+    # the clock starts now: the first training step follows the (excluded) first evaluation
     track = Tracker(lambda: greedy_accuracy(lm, trainer.tok, bf16), args.time_to_accuracy, args.max_seconds)
-    track.clock = Clock()  # from here on: the first training step follows the (excluded) first evaluation
     stop = "target" if track.eval_now(0) else "max_steps"
     while stop != "target" and trainer.step < args.max_steps:
         if track.out_of_time():
@@ -104,7 +105,8 @@ def pg_lm_run(conn, args, output_dir: str) -> None:
         trainer.train_step()
         if trainer.step % args.eval_every == 0 or trainer.step == args.max_steps:
             stop = "target" if track.eval_now(trainer.step) else stop
-    conn.send(track.result(trainer.step, stop, dict(vars(trainer.cfg))))
+    config = dict(vars(trainer.cfg), resolved_mixed_precision=trainer.acc.mixed_precision)
+    conn.send(track.result(trainer.step, stop, config))
 
 
 def trl_config(args, output_dir: str) -> dict:
@@ -166,7 +168,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--time-to-accuracy", type=float, default=0.5, help="held-out greedy accuracy to reach")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="cap on the training clock (eval excluded)")
-    p.add_argument("--max-steps", type=int, default=400, help="step budget (TRL's linear lr decay spans it)")
+    p.add_argument("--max-steps", type=int, default=400,
+                   help="step budget, the recipe's max_steps (TRL's linear lr decay spans it)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
     p.add_argument("--libraries", nargs="+", choices=("pg_lm", "trl"), default=["pg_lm", "trl"])
     p.add_argument("--trl-bf16", choices=("default", "true", "false"), default="default",

@@ -9,7 +9,8 @@ What is measured, per library, over the timed blocks (warm-up excluded):
   process's lifetime peak (``ru_maxrss``, model loading included);
 * mean reward of every step (warm-up included), and MFU of the update:
   6 x parameters x tokens run through the model in the update / update time, against
-  the bf16 matmul throughput measured here (2048^2 @ 2048^2, repeated).
+  the matmul throughput measured here (2048^2 @ 2048^2, repeated) in the precision the
+  library trained in, and against the bf16 one.
 
 How: each library runs in its own subprocess (so memory is per library and neither sees
 the other's allocator state); the parent makes them take turns -- warm-up steps for each,
@@ -23,6 +24,8 @@ the chat template, AdamW lr 1e-5 constant, grad-norm clip 1.0, no KL (TRL beta=0
 optimizer step per rollout, token-mean loss (TRL's "dapo"), group-mean baseline scaled
 by the group std (TRL's GRPO advantage; ``--pg-lm-baseline recipe`` keeps the recipe's
 leave-one-out). TRL's gradient checkpointing is off (pg_lm has none; it only slows TRL).
+Precision: ``--trl-bf16 auto`` runs TRL with bf16=True and bf16=False side by side for a
+few alternating steps and keeps the faster; pg_lm then uses the same (``--pg-lm-precision``).
 
 Timing: pg_lm -- wall clock around ``Trainer.train_step()``; its ``perf/gen_s`` (sampling)
 and ``perf/train_s`` (the update). TRL -- a TrainerCallback from ``on_step_begin`` to
@@ -96,7 +99,8 @@ def pg_lm_worker(conn, overrides: dict, total_steps: int, output_dir: str) -> No
     trainer = build_pg_lm(overrides, output_dir)
     prompts, answers = pg_lm_step_prompts(trainer, total_steps)
     n_params = sum(p.numel() for p in trainer.params)
-    conn.send(dict(prompts=prompts, answers=answers, n_params=n_params, config=dict(vars(trainer.cfg))))
+    config = dict(vars(trainer.cfg), resolved_mixed_precision=trainer.acc.mixed_precision)
+    conn.send(dict(prompts=prompts, answers=answers, n_params=n_params, config=config))
     while (n := conn.recv()) is not None:
         with RssSampler() as rss:
             rows = [_pg_lm_step(trainer) for _ in range(n)]
@@ -220,19 +224,21 @@ def probe_trl_bf16(ctx, prompts, answers, probe_steps: int, tmp: str) -> dict:
     return dict(choice=probe["true"] < probe["false"], probe_median_step_s=probe)
 
 
-def summarize(blocks: list[dict], final: dict, n_params: int, peaks: dict) -> dict:
+def summarize(blocks: list[dict], final: dict, n_params: int, peaks: dict, bf16: bool) -> dict:
     timed = [s for b in blocks if not b["warmup"] for s in b["steps"]]
     every = [s for b in blocks for s in b["steps"]]
     tot = lambda key: sum(s[key] for s in timed)
     train_s = tot("train_s")
+    flops = 6 * n_params * tot("update_tokens") / train_s  # achieved FLOP/s in the update
     return {
         "median_step_s": median(s["step_s"] for s in timed),
         "median_gen_s": median(s["gen_s"] for s in timed),
         "median_train_s": median(s["train_s"] for s in timed),
         "gen_tokens_per_s": tot("completion_tokens") / tot("gen_s"),
         "train_tokens_per_s": tot("completion_tokens") / train_s,
-        "mfu_update": 6 * n_params * tot("update_tokens") / train_s / peaks["bfloat16"]["flops_per_s"],
-        "mfu_update_vs_fp32_peak": 6 * n_params * tot("update_tokens") / train_s / peaks["float32"]["flops_per_s"],
+        "mfu_update": flops / peaks["bfloat16" if bf16 else "float32"]["flops_per_s"],
+        "mfu_update_vs_bf16_peak": flops / peaks["bfloat16"]["flops_per_s"],
+        "mfu_update_vs_fp32_peak": flops / peaks["float32"]["flops_per_s"],
         "peak_rss_mb": max(b["peak_rss_mb"] for b in blocks if not b["warmup"]),
         "max_rss_mb_process_lifetime": final["max_rss_mb"],
         "reward_mean": sum(s.get("reward", float("nan")) for s in timed) / len(timed),
@@ -255,7 +261,8 @@ def parse_args(argv=None):
     p.add_argument("--pg-lm-baseline", choices=("grpo", "recipe"), default="grpo",
                    help="grpo: group mean / group std, as TRL; recipe: the recipe's leave-one-out")
     p.add_argument("--pg-lm-precision", choices=("match-trl", "recipe", "bf16", "no"), default="match-trl",
-                   help="pg_lm mixed precision: match-trl = bf16 autocast iff TRL uses it (the recipe uses bf16)")
+                   help="pg_lm mixed precision: match-trl = bf16 autocast iff TRL uses it; recipe = the "
+                   "recipe's setting")
     p.add_argument("--output", default="runs/bench/lm_vs_trl.json")
     args = p.parse_args(argv)
     if min(args.steps, args.blocks) < 1 or args.warmup < 0:
@@ -274,35 +281,51 @@ def choose_trl_bf16(args, ctx, tmp: str) -> dict:
     return probe_trl_bf16(ctx, list(train["prompt"][:n]), list(train["answer"][:n]), args.trl_probe_steps, tmp)
 
 
+def measure_peaks(before: dict | None = None) -> dict:
+    """bf16 and fp32 matmul peaks; with ``before``, the higher (less disturbed) of the two measurements."""
+    now = {d: matmul_peak(dtype=d) for d in ("bfloat16", "float32")}
+    return now if before is None else {d: max(before[d], now[d], key=lambda m: m["flops_per_s"]) for d in now}
+
+
+def run_both(args, ctx, tmp: str, trl_bf16: bool) -> dict:
+    """Start both workers, alternate their blocks, collect everything they reported."""
+    segments = _segments(args.warmup, args.steps, args.blocks)
+    total = sum(segments)
+    pg = _start(ctx, pg_lm_worker, pg_lm_overrides(args, total, trl_bf16), total, f"{tmp}/pg_lm")
+    hello_pg = pg[1].recv()
+    prompts, answers = hello_pg.pop("prompts"), hello_pg.pop("answers")
+    trl_kw = trl_config(trl_bf16, total, f"{tmp}/trl")
+    trl = _start(ctx, trl_worker, prompts, answers, trl_kw, segments)
+    hello_trl = trl[1].recv()
+    blocks = _run_segments({"pg_lm": pg, "trl": trl}, segments, args.warmup)
+    final = _finish({"pg_lm": pg, "trl": trl})
+    expected = [prompts[i * SAME["prompts_per_step"]] for i in range(total)]  # first prompt of each step
+    used = [s["first_prompt"] for b in blocks["pg_lm"] for s in b["steps"]]
+    same = final["trl"].pop("first_prompts") == expected == used
+    return dict(hello_pg=hello_pg, hello_trl=hello_trl, trl_kw=trl_kw, blocks=blocks, final=final, same=same)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx, tmp = mp.get_context("spawn"), tempfile.mkdtemp(prefix="bench_lm_vs_trl_")
-    segments = _segments(args.warmup, args.steps, args.blocks)
-    total = sum(segments)
     result = dict(benchmark="lm_vs_trl", load1_start=load1(), machine=machine_info())
     print("measuring matmul throughput ...", flush=True)
-    result["matmul_peak"] = {d: matmul_peak(dtype=d) for d in ("bfloat16", "float32")}
+    peaks = measure_peaks()
     result["trl_bf16"] = choose_trl_bf16(args, ctx, tmp)
-    pg = _start(ctx, pg_lm_worker, pg_lm_overrides(args, total, result["trl_bf16"]["choice"]), total, f"{tmp}/pg_lm")
-    hello_pg = pg[1].recv()
-    prompts, answers = hello_pg.pop("prompts"), hello_pg.pop("answers")
-    trl_kw = trl_config(result["trl_bf16"]["choice"], total, f"{tmp}/trl")
-    trl = _start(ctx, trl_worker, prompts, answers, trl_kw, segments)
-    hello_trl = trl[1].recv()
-    workers = {"pg_lm": pg, "trl": trl}
-    blocks = _run_segments(workers, segments, args.warmup)
-    final = _finish(workers)
+    bf16 = result["trl_bf16"]["choice"]
+    run = run_both(args, ctx, tmp, bf16)
     result["load1_end"] = load1()
-    seen = final["trl"].pop("first_prompts")
-    expected = [prompts[i * SAME["prompts_per_step"]] for i in range(total)]
-    used = [s["first_prompt"] for b in blocks["pg_lm"] for s in b["steps"]]
-    result["same_prompts_checked"] = seen == expected == used
-    result["pg_lm"] = summarize(blocks["pg_lm"], final["pg_lm"], hello_pg["n_params"], result["matmul_peak"])
-    result["trl"] = summarize(blocks["trl"], final["trl"], hello_trl["n_params"], result["matmul_peak"])
+    result["same_prompts_checked"] = run["same"]
+    result["matmul_peak"] = peaks = measure_peaks(peaks)
+    pg_bf16 = run["hello_pg"]["config"]["resolved_mixed_precision"] == "bf16"
+    result["pg_lm"] = summarize(run["blocks"]["pg_lm"], run["final"]["pg_lm"], run["hello_pg"]["n_params"], peaks,
+                                pg_bf16)
+    result["trl"] = summarize(run["blocks"]["trl"], run["final"]["trl"], run["hello_trl"]["n_params"], peaks, bf16)
     result["step_time_ratio"] = result["pg_lm"]["median_step_s"] / result["trl"]["median_step_s"]
     result["config"] = dict(SAME, warmup=args.warmup, steps_per_block=args.steps, blocks=args.blocks,
                             model="smollm2-135m-instruct", pg_lm_baseline=args.pg_lm_baseline,
-                            pg_lm_precision=args.pg_lm_precision, pg_lm=hello_pg["config"], trl={**trl_kw, **hello_trl})
+                            pg_lm_precision=args.pg_lm_precision, pg_lm=run["hello_pg"]["config"],
+                            trl={**run["trl_kw"], **run["hello_trl"]})
     result["notes"] = NOTES
     write_json(args.output, result)
     print_table(result)
@@ -319,7 +342,10 @@ NOTES = [
     "step time minus time inside _generate_and_score_completions. Reward and completion lengths: TRL's logged "
     "'reward' and 'completions/mean_length'.",
     "Training tokens/s = completion tokens / update seconds. MFU = 6 x params x update tokens / update seconds / "
-    "measured bf16 matmul FLOP/s (mfu_update_vs_fp32_peak: against the fp32 one); update tokens are real "
+    "measured matmul FLOP/s of the precision the library trained in (mfu_update; the _vs_bf16_peak and "
+    "_vs_fp32_peak variants use one peak for both; a CPU whose bf16 matmul is slower than fp32 puts fp32 "
+    "training above 100% of the bf16 peak). Peaks: 2048^2 @ 2048^2 matmuls for 3 s, measured at start and end, "
+    "the higher kept. Update tokens are real "
     "(non-pad) tokens run through the model in the update: pg_lm runs each prompt once per group (shared KV "
     "cache) + the completions, TRL every prompt copy + the completions (from the delta of its num_tokens). "
     "Padding and attention FLOPs are not counted.",
