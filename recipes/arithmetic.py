@@ -2,7 +2,7 @@
 
 Prompts are "What is 23 + 45?"; the reward is 1 when the completion's last number is
 the sum. Held-out greedy accuracy is measured before and after training. Run with no
-arguments for the default (about 10 minutes on a 2-core CPU); every LMConfig field is
+arguments for the default (about 11 minutes on a 2-core CPU); every LMConfig field is
 a flag (`python recipes/arithmetic.py --help`), e.g. `--estimator gae` or `--lora-r 16`.
 """
 
@@ -24,7 +24,6 @@ DEFAULTS = dict(
     estimator="reinforce",
     baseline="loo",
     lr=2e-5,
-    overlong_penalty=-0.5,  # completions that never stop are penalised: shorter, faster steps
     eval_every=0,
     eval_size=100,
     mixed_precision="auto",
