@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from pg_lm.gym import GymConfig, train
+from pg_lm.gym import GymConfig, describe, train
 from pg_lm.run import parse_config
 
 
@@ -21,9 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(GymConfig, argv, prog="recipes/cartpole.py",
                        env="CartPole-v1", algo="ppo", output_dir="runs/cartpole-ppo")
     summary = train(cfg)
-    print(f"final evaluation: return {summary['eval/return_mean']:.1f} ± {summary['eval/return_std']:.1f} "
-          f"over {summary['eval/episodes']} deterministic episodes, after {summary['env_steps']} env steps "
-          f"in {summary['wall_s']:.1f} s (outputs in {cfg.output_dir})")
+    print(describe(summary))
     return summary
 
 

@@ -129,6 +129,6 @@ def test_recipe_runs_end_to_end(tmp_path, monkeypatch, capsys, recipe, env):
             "--output-dir", str(tmp_path)] + (["--n-steps", "128", "--epochs", "1"] if env == "Pendulum-v1" else [])
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "recipes" / recipe), run_name="__main__")
-    assert "final evaluation" in capsys.readouterr().out
+    assert f"ppo {env}: eval return" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["env"] == env and summary["algo"] == "ppo" and summary["env_steps"] == 1024

@@ -9,10 +9,10 @@ from .config import DEFAULTS, GymConfig, defaults_for, resolve
 from .envs import evaluate, make_envs
 from .policy import ActorCritic, Categorical, Gaussian, RunningMeanStd, load_policy, policy_spec
 from .rollout import Collector, RewardScaler, Rollout
-from .train import UsageError, main, parse_args, train
+from .train import UsageError, describe, main, parse_args, train
 
 __all__ = [
     "ALGOS", "ActorCritic", "Algo", "Categorical", "Collector", "DEFAULTS", "Gaussian", "GymConfig",
-    "RewardScaler", "Rollout", "RunningMeanStd", "UsageError", "defaults_for", "evaluate", "load_policy",
+    "RewardScaler", "Rollout", "RunningMeanStd", "UsageError", "defaults_for", "describe", "evaluate", "load_policy",
     "main", "make_envs", "parse_args", "policy_spec", "resolve", "train", "update",
 ]

@@ -191,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    print(describe(summary))
+    return 0
+
+
+def describe(summary: dict) -> str:
+    """One line: the final deterministic evaluation, steps, time and where the outputs are."""
     target = (f"; reached {summary['target_return']} after {summary['steps_to_target']} steps "
               f"({summary['time_to_target_s']:.1f} s)" if summary["steps_to_target"] else "")
-    print(f"{summary['algo']} {summary['env']}: eval return {summary['eval/return_mean']:.1f} "
-          f"± {summary['eval/return_std']:.1f} over {summary['eval/episodes']} episodes after "
-          f"{summary['env_steps']} steps in {summary['wall_s']:.1f} s{target} -> {summary['output_dir']}")
-    return 0
+    return (f"{summary['algo']} {summary['env']}: eval return {summary['eval/return_mean']:.1f} "
+            f"± {summary['eval/return_std']:.1f} over {summary['eval/episodes']} deterministic episodes after "
+            f"{summary['env_steps']} steps in {summary['wall_s']:.1f} s{target} -> {summary['output_dir']}")
