@@ -27,7 +27,7 @@ def test_recipe_runs_end_to_end(recipe, tiny_lm_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(script), "--model", tiny_lm_dir, "--max-steps", "2", "--eval-size", "4",
+    cmd = [sys.executable, str(script), "--model", tiny_lm_dir, "--max-steps", "2", "--eval-size", "4", "--lora-r", "0",
            "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
