@@ -17,7 +17,6 @@ from pg_lm.core import (
     group_std,
     kl_estimate,
     leave_one_out_baseline,
-    masked_whiten,
 )
 
 
@@ -78,11 +77,6 @@ def advantages(
     if scale_rewards:
         adv = adv / (group_std(g0, group_size)[:, None] + eps)
     return adv, None
-
-
-def whiten(adv: Tensor, mask: Tensor) -> Tensor:
-    """Batch whitening of advantages over real tokens."""
-    return masked_whiten(adv, mask)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

@@ -37,14 +37,6 @@ class Rollout:
     group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
 
     @property
-    def input_ids(self) -> Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], 1)  # (B, P + T)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], 1)
-
-    @property
     def lengths(self) -> Tensor:
         return self.completion_mask.sum(1).long()  # (B,)
 

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from pg_lm.core import aggregate, kl_estimate, masked_mean, policy_loss, value_loss
+from pg_lm.core import aggregate, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
 
 from . import estimate
 from .checkpoint import save_checkpoint
@@ -190,7 +190,7 @@ class Trainer:
         adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
                                            batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
         if cfg.whiten_advantages:
-            adv = estimate.whiten(adv, batch.completion_mask)
+            adv = masked_whiten(adv, batch.completion_mask)
         t1 = time.perf_counter()
         stats.update(self.update(batch, adv, returns))
         if returns is not None and batch.values is not None:
