@@ -36,6 +36,14 @@ CASES = {
     "seq-mean-token-sum-norm": {"loss_agg": "seq-mean-token-sum-norm"},
     "seq-mean-token-sum-norm/micro3": {"loss_agg": "seq-mean-token-sum-norm", "micro_batch_size": 3},
 }
+# rows whose advantage is zeroed: a whole group (0, 1) on rank 0 of 2 and a lone row (5) on rank 1, so
+# the ranks have different numbers of live rows and rank 0 must top up with an inert one
+ZERO_ROWS = [0, 1, 5]
+CASES.update({
+    "zeroed": {"_zero_rows": ZERO_ROWS, "skip_zero_advantage": False},  # every row through the backward
+    "zeroed/skip": {"_zero_rows": ZERO_ROWS},
+    "zeroed/skip-micro2": {"_zero_rows": ZERO_ROWS, "micro_batch_size": 2},
+})
 GAE_CASES = {"gae": {}, "gae/micro3": {"micro_batch_size": 3}}
 
 
@@ -91,9 +99,14 @@ def gradients(trainer, cases: dict, with_returns: bool) -> dict:
     trainer.opt.step = lambda *a, **k: captured.update({n: p.grad.detach().cpu().clone() for n, p in named})
     base, out = trainer.cfg, {}
     for case, overrides in cases.items():
+        overrides = dict(overrides)
+        a = adv.clone()
+        a[overrides.pop("_zero_rows", [])] = 0.0
         trainer.cfg = dataclasses.replace(base, **overrides)
         captured.clear()
-        trainer.update(local, adv[rows], returns[rows] if with_returns else None)
+        stats = trainer.update(local, a[rows], returns[rows] if with_returns else None)
+        skipped = "skip" in case.split("/")[-1]
+        assert (stats["perf/trained_frac"] < 1) == skipped, (case, stats["perf/trained_frac"])
         assert captured, f"{case}: the optimizer step was never reached"
         out[case] = dict(captured)
     trainer.cfg = base

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from lm_fixtures import constant_reward, make_config, make_trainer, prompt_dataset, read_jsonl, snapshot
+from lm_fixtures import (constant_reward, make_config, make_trainer, prompt_dataset, read_jsonl, snapshot,
+                         varied_reward)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
 
@@ -53,6 +54,33 @@ def test_zero_advantages_change_nothing(tiny_lm_dir, tmp_path):
     stats = tr.train_step()
     assert stats["reward/std"] == 0 and stats["advantage/mean"] == 0
     assert changed(before, snapshot(unwrap(tr))) == set()
+
+
+def first_group_constant(prompts, completions, **_):
+    """Reward 1 for every sample of the step's first prompt (a group with advantage 0 under
+    RLOO), the varied reward for the rest."""
+    varied = varied_reward(prompts, completions)
+    return [1.0 if p == prompts[0] else v for p, v in zip(prompts, varied)]
+
+
+def test_skipping_zero_advantage_rows_gives_the_same_update(tiny_lm_dir, tmp_path):
+    """Rows with advantage 0 everywhere are left out of the backward pass; the step is the same."""
+    after, fracs = {}, {}
+    for skip in (False, True):
+        tr = make_trainer(tiny_lm_dir, tmp_path / str(skip), reward_fns=[first_group_constant], lr=1e-3,
+                          skip_zero_advantage=skip)
+        stats = tr.train_step()
+        assert stats["reward/std"] > 0
+        after[skip], fracs[skip] = snapshot(unwrap(tr)), stats["perf/trained_frac"]
+    assert fracs == {False: 1.0, True: 0.5}  # 2 prompts x 4 samples: the first group was skipped
+    for name, p in after[False].items():
+        torch.testing.assert_close(after[True][name], p, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_zero_advantage_rows_are_trained_when_another_loss_term_needs_them(tiny_lm_dir, tmp_path):
+    for kw in ({"entropy_coef": 0.01}, {"baseline": "value"}, {"kl_coef": 0.1, "kl_in": "loss"}):
+        tr = make_trainer(tiny_lm_dir, tmp_path / "x", reward_fns=[constant_reward], **kw)
+        assert tr.train_step()["perf/trained_frac"] == 1.0, kw
 
 
 def test_lora_trains_the_adapter_only_and_saves_it_alone(tiny_lm_dir, tmp_path):

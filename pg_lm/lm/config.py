@@ -45,6 +45,8 @@ class LMConfig:
     clip_high: float | None = arg(None, "PPO clip ε above 1 (defaults to clip_low when clip_low is set)")
     value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off)")
     vf_coef: float = arg(0.1, "value-loss coefficient")
+    skip_zero_advantage: bool = arg(True, "leave rows whose advantage is 0 on every token out of the backward "
+                                    "pass when they cannot change the gradient (no value loss, entropy or KL loss)")
     loss_agg: str = arg("token-mean", "how per-token losses reduce to a scalar", AGG_MODES)
     # regularisation
     kl_coef: float = arg(0.0, "KL-to-reference coefficient β (0 = no reference model)")

@@ -79,6 +79,8 @@ def build(trainer) -> None:
     warm = max(cfg.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
+    for p in trainer.params:  # zero, not None: a step whose rows were all skipped (see Trainer.update) still
+        p.grad = torch.zeros_like(p)  # moves AdamW's moments exactly as a zero gradient would
     trainer.resumed_summary, trainer.prior_wall_s = {}, 0.0
     if resume is not None:
         load_trainer_state(trainer, resume)

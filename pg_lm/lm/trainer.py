@@ -27,6 +27,14 @@ from .rewards import RewardSet
 from .sampling import Rollout, sample
 
 
+def _whole_groups(rows: Tensor, G: int) -> bool:
+    """Whether ``rows`` is a run of whole groups of G consecutive rows, each in order."""
+    if G == 1 or len(rows) % G:
+        return G == 1
+    g = rows.view(-1, G)
+    return bool((g[:, 0] % G == 0).all() and (g == g[:, :1] + torch.arange(G)).all())
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``train_dataset`` (a ``datasets.Dataset`` with a ``prompt``
     column; other columns reach the reward functions) with ``reward_fns``."""
@@ -111,16 +119,22 @@ class Trainer:
         return batch, stats
 
     # ------------------------------------------------------------------ update
-    def _micro_loss(self, mb: Rollout, adv: Tensor, returns: Tensor | None, n_tok: float, n_seq: float):
+    def _micro_loss(self, mb: Rollout, adv: Tensor, returns: Tensor | None, denoms: tuple, stat_denoms: tuple):
+        """Loss of one micro-batch, normalised by the *global* ``denoms`` = (tokens, sequences);
+        diagnostics use ``stat_denoms``, the counts of the rows actually trained."""
         cfg = self.cfg
         logp, values, entropy = self._forward(mb, grad=True)
         mask = mb.completion_mask
         old = mb.logp if mb.logp is not None else logp.detach()
-        agg = lambda x: aggregate(x, mask, cfg.loss_agg, num_tokens=n_tok, num_seqs=n_seq, norm_len=cfg.max_new_tokens)
+
+        def agg(x, d=denoms):
+            return aggregate(x, mask, cfg.loss_agg, num_tokens=d[0], num_seqs=d[1], norm_len=cfg.max_new_tokens)
+
         pg, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high)
         loss = agg(pg)
-        parts = {"loss/policy": loss.detach(), "policy/clip_frac": agg(clipped), "policy/entropy": agg(entropy.detach()),
-                 "policy/approx_kl": agg(0.5 * (logp.detach() - old) ** 2)}
+        parts = {"loss/policy": loss.detach(), "policy/clip_frac": agg(clipped, stat_denoms),
+                 "policy/entropy": agg(entropy.detach(), stat_denoms),
+                 "policy/approx_kl": agg(0.5 * (logp.detach() - old) ** 2, stat_denoms)}
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * agg(entropy)
         if values is not None and returns is not None:
@@ -134,16 +148,43 @@ class Trainer:
             parts["loss/kl"] = kl.detach()
         return loss, parts
 
+    @property
+    def _zero_rows_are_inert(self) -> bool:
+        """Whether a row whose advantage is 0 on every token adds exactly nothing to the gradient:
+        true when the loss is only the policy-gradient term (no value loss, entropy bonus or KL in the loss)."""
+        cfg = self.cfg
+        return not cfg.uses_value_head and not cfg.entropy_coef and not (cfg.kl_in == "loss" and self.kl_coef > 0)
+
+    def _rows_to_train(self, rows: Tensor, adv: Tensor) -> Tensor:
+        """``rows`` minus those with zero advantage everywhere, when they are inert (same gradient, less work).
+
+        Every process must run the same number of micro-batches (DDP all-reduces in each
+        backward), so each keeps the largest count over processes, topping up with inert rows.
+        """
+        if not self.cfg.skip_zero_advantage or not self._zero_rows_are_inert:
+            return rows
+        live = adv[rows].abs().amax(1) > 0  # (len(rows),)
+        n = int(live.sum())
+        if self.acc.num_processes > 1:
+            n = int(self.acc.gather(torch.tensor([n], device=self.acc.device)).max())
+        order = torch.cat([rows[live], rows[~live]])  # live rows first, in their original order
+        return order[:n].sort().values
+
     def update(self, batch: Rollout, adv: Tensor, returns: Tensor | None) -> dict:
-        """ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches."""
+        """ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches.
+
+        Rows whose advantage is zero on every token (e.g. a group whose samples all got
+        the same reward, under a group baseline) are left out of the forward/backward when
+        they cannot change the gradient; the optimizer still steps, and denominators still
+        count them, so the update is the one the full batch would give.
+        """
         cfg, acc = self.cfg, self.acc
         B = adv.shape[0]
         mb_rows = B // cfg.num_minibatches
         micro = cfg.micro_batch_size or mb_rows
         G = batch.group_size
-        # prompts are shared across a group only when micro-batches are whole groups in order
-        share = G if cfg.num_minibatches == 1 and micro % G == 0 else 1
         totals: dict[str, float] = {}
+        trained = 0
         self.policy.train()
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B) if cfg.num_minibatches > 1 else torch.arange(B)
@@ -152,7 +193,13 @@ class Trainer:
                 # global denominators: identical loss whatever the micro-batch / process split
                 n_tok = float(acc.reduce(batch.completion_mask[rows].sum().reshape(1), "sum"))
                 n_seq = float(len(rows) * acc.num_processes)
-                chunks = rows.split(micro)
+                rows = self._rows_to_train(rows, adv)
+                trained += len(rows)
+                stat_denoms = (float(acc.reduce(batch.completion_mask[rows].sum().reshape(1), "sum")),
+                               float(len(rows) * acc.num_processes))
+                # prompts are shared across a group only when micro-batches are whole groups in order
+                share = G if micro % G == 0 and _whole_groups(rows, G) else 1
+                chunks = rows.split(micro) if len(rows) else ()
                 for i, chunk in enumerate(chunks):
                     mb = batch.select(chunk.to(batch.prompt_ids.device), group_size=share)
                     T = max(int(mb.completion_mask.sum(1).max()), 1)  # trim padding columns
@@ -163,7 +210,7 @@ class Trainer:
                     ret = returns[chunk, :T] if returns is not None else None
                     sync = acc.no_sync(self.policy) if i < len(chunks) - 1 else nullcontext()
                     with sync:
-                        loss, parts = self._micro_loss(mb, adv[chunk, :T], ret, n_tok, n_seq)
+                        loss, parts = self._micro_loss(mb, adv[chunk, :T], ret, (n_tok, n_seq), stat_denoms)
                         # DDP averages gradients over processes; the loss is already a global sum
                         acc.backward(loss * acc.num_processes)
                     for k, v in parts.items():
@@ -174,6 +221,7 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=False)
+        totals["perf/trained_frac"] = trained / (B * cfg.ppo_epochs)
         return totals
 
     def _adapt_kl(self, kl_per_seq: float) -> None:
