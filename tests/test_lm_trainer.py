@@ -328,3 +328,25 @@ def test_tensorboard_tracker_gets_the_metrics(tiny_lm_dir, tmp_path):
         if "reward/mean" in acc.Tags()["scalars"]:
             assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2]
     assert {"reward/mean", "loss/policy", "perf/tokens_per_s"} <= tags
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero():
+    from pg_lm.lm.setup import lr_factor
+
+    assert [lr_factor("constant", p, 5, 2) for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
+    assert [lr_factor("linear", p, 5, 0) for p in (0.0, 0.25, 1.0, 1.5)] == [1.0, 0.75, 0.0, 0.0]
+    assert lr_factor("cosine", 0.5, 5, 0) == pytest.approx(0.5) and lr_factor("cosine", 1.0, 5, 0) == pytest.approx(0.0)
+    assert [lr_factor("cosine", 0.9, s, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # warm-up comes first
+
+
+def test_linear_schedule_follows_the_steps_of_the_run(tiny_lm_dir, tmp_path):
+    tr = make_trainer(tiny_lm_dir, tmp_path, lr=1e-3, max_steps=4, lr_schedule="linear")
+    lrs = [tr.train_step()["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.75, 1e-3 * 0.5])  # step k runs at 1 - k / max_steps
+
+
+def test_a_time_budget_drives_the_schedule_when_it_is_further_along(tiny_lm_dir, tmp_path):
+    tr = make_trainer(tiny_lm_dir, tmp_path, lr=1e-3, max_steps=1000, max_seconds=100.0, lr_schedule="linear")
+    tr.prior_wall_s = 50.0  # as if half the time budget had gone (e.g. before a resume)
+    tr.train_step()
+    assert tr.train_step()["lr"] == pytest.approx(0.5e-3, rel=0.05)

@@ -60,6 +60,9 @@ class LMConfig:
     lr: float = arg(1e-5, "learning rate (AdamW)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     warmup_steps: int = arg(0, "linear learning-rate warm-up steps")
+    lr_schedule: str = arg("constant", "learning rate after warm-up: constant, or linear / cosine decay to 0 over the "
+                           "run (steps over --max-steps, or time over --max-seconds when that is further along)",
+                           ("constant", "linear", "cosine"))
     max_grad_norm: float | None = arg(1.0, "gradient clipping (None or 0 = off)")
     lora_r: int = arg(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = arg(32, "LoRA α")

@@ -8,6 +8,7 @@ there silently runs independent single-process jobs instead of one gloo group.
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -48,6 +49,20 @@ def _optimizer(params, cfg):
         return torch.optim.AdamW(params, **kw)
 
 
+def lr_factor(schedule: str, progress: float, step: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier for training step ``step`` (0-based): linear warm-up over
+    ``warmup_steps`` steps, then ``constant`` 1, or ``linear`` / ``cosine`` decay to 0 as
+    ``progress`` (0..1, how far the run is: ``Trainer.progress``) goes."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def build(trainer) -> None:
     """Fill ``trainer`` with acc, tok, policy, ref, params, opt, sched, writer (resuming if asked)."""
     from accelerate.utils import set_seed
@@ -76,8 +91,8 @@ def build(trainer) -> None:
         trainer.ref = acc.prepare_model(ref.eval(), evaluation_mode=True)
     trainer.params = [p for p in policy.parameters() if p.requires_grad]
     opt = _optimizer(trainer.params, cfg)
-    warm = max(cfg.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda _: lr_factor(cfg.lr_schedule, trainer.progress(), trainer.step, cfg.warmup_steps))
     trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
     for p in trainer.params:  # zero, not None: a step whose rows were all skipped (see Trainer.update) still
         p.grad = torch.zeros_like(p)  # moves AdamW's moments exactly as a zero gradient would

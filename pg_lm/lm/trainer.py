@@ -53,6 +53,13 @@ class Trainer:
         self.step = 0
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
 
+    def progress(self) -> float:
+        """How far the run is, 0..1: steps over ``max_steps``, or time over ``max_seconds`` if further."""
+        p = self.step / self.cfg.max_steps
+        if self.cfg.max_seconds and hasattr(self, "elapsed"):
+            p = max(p, self.elapsed() / self.cfg.max_seconds)
+        return min(p, 1.0)
+
     # ------------------------------------------------------------------ data
     def _prompts(self, step: int) -> tuple[list[str], dict]:
         """This process's prompts for ``step``: a seeded permutation per epoch, sliced by rank."""
@@ -219,7 +226,6 @@ class Trainer:
                     gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     totals["policy/grad_norm"] = float(gn)
                 self.opt.step()
-                self.sched.step()
                 self.opt.zero_grad(set_to_none=False)
         totals["perf/trained_frac"] = trained / (B * cfg.ppo_epochs)
         return totals
@@ -234,6 +240,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
+        lr = self.sched.get_last_lr()[0]  # this step's learning rate
         batch, stats = self.rollout()
         adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
                                            batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
@@ -250,10 +257,11 @@ class Trainer:
             self._adapt_kl(stats["kl/ref"])
         tokens = float(self.acc.reduce(batch.completion_mask.sum().reshape(1), "sum"))
         step_s = time.perf_counter() - t0
-        stats.update({"kl/coef": self.kl_coef, "lr": self.sched.get_last_lr()[0], "perf/step_s": step_s,
+        stats.update({"kl/coef": self.kl_coef, "lr": lr, "perf/step_s": step_s,
                       "perf/train_s": time.perf_counter() - t1, "perf/tokens_per_s": tokens / step_s,
                       "advantage/mean": float(masked_mean(adv, batch.completion_mask))})
         self.step += 1
+        self.sched.step()  # the next step's learning rate, from the progress made
         if self.step % cfg.samples_every == 0 or self.step == 1:
             self.writer.samples([{"step": self.step, "prompt": p, "completion": c, "reward": float(r)}
                                  for p, c, r in zip(batch.prompts, batch.completions, batch.scores)])
