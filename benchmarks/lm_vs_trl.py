@@ -64,6 +64,7 @@ def pg_lm_overrides(args, total_steps: int, trl_bf16: bool) -> dict:
         kw["mixed_precision"] = args.pg_lm_precision
     elif args.pg_lm_precision == "match-trl":
         kw["mixed_precision"] = "bf16" if trl_bf16 else "no"
+    kw["skip_zero_advantage"] = args.pg_lm_skip_zero_advantage == "true"
     return kw
 
 
@@ -88,9 +89,11 @@ def _pg_lm_step(trainer) -> dict:
     step_s = time.perf_counter() - t0
     completion_tokens = s["completion/length"] * ROWS
     # the update runs each prompt once per group (shared KV cache), then the completions
+    # rows with zero advantage may be left out of the update (trained_frac < 1): count what ran, approximately
+    frac = s["perf/trained_frac"]
     return dict(step_s=step_s, gen_s=s["perf/gen_s"], train_s=s["perf/train_s"], reward=s["reward/mean"],
-                completion_tokens=completion_tokens, update_tokens=unique_prompt_tokens + completion_tokens,
-                first_prompt=prompts[0])
+                completion_tokens=completion_tokens, update_tokens=frac * (unique_prompt_tokens + completion_tokens),
+                trained_frac=frac, first_prompt=prompts[0])
 
 
 def pg_lm_worker(conn, overrides: dict, total_steps: int, output_dir: str) -> None:
@@ -244,6 +247,7 @@ def summarize(blocks: list[dict], final: dict, n_params: int, peaks: dict, bf16:
         "reward_mean": sum(s.get("reward", float("nan")) for s in timed) / len(timed),
         "reward_per_step": [s.get("reward") for s in every],
         "mean_completion_tokens": tot("completion_tokens") / len(timed) / ROWS,
+        "mean_trained_frac": sum(s.get("trained_frac", 1.0) for s in timed) / len(timed),
         "timed_steps": len(timed),
         "n_params": n_params,
         "steps": every,
@@ -263,6 +267,9 @@ def parse_args(argv=None):
     p.add_argument("--pg-lm-precision", choices=("match-trl", "recipe", "bf16", "no"), default="match-trl",
                    help="pg_lm mixed precision: match-trl = bf16 autocast iff TRL uses it; recipe = the "
                    "recipe's setting")
+    p.add_argument("--pg-lm-skip-zero-advantage", choices=("true", "false"), default="true",
+                   help="pg_lm's default (true) leaves rows with zero advantage out of the backward pass (the same "
+                   "gradient); false runs every row through it, as TRL does: the like-for-like compute")
     p.add_argument("--output", default="runs/bench/lm_vs_trl.json")
     args = p.parse_args(argv)
     if min(args.steps, args.blocks) < 1 or args.warmup < 0:
@@ -325,6 +332,7 @@ def main(argv=None) -> int:
     result["config"] = dict(SAME, warmup=args.warmup, steps_per_block=args.steps, blocks=args.blocks,
                             model="smollm2-135m-instruct", pg_lm_baseline=args.pg_lm_baseline,
                             pg_lm_precision=args.pg_lm_precision, pg_lm=run["hello_pg"]["config"],
+                            pg_lm_skip_zero_advantage=args.pg_lm_skip_zero_advantage,
                             trl={**run["trl_kw"], **run["hello_trl"]})
     result["notes"] = NOTES
     write_json(args.output, result)
@@ -348,7 +356,9 @@ NOTES = [
     "the higher kept. Update tokens are real "
     "(non-pad) tokens run through the model in the update: pg_lm runs each prompt once per group (shared KV "
     "cache) + the completions, TRL every prompt copy + the completions (from the delta of its num_tokens). "
-    "Padding and attention FLOPs are not counted.",
+    "Padding and attention FLOPs are not counted. pg_lm with skip_zero_advantage (its default) leaves rows whose "
+    "advantage is 0 out of the update; its update tokens are then scaled by the fraction of rows trained "
+    "(mean_trained_frac), an approximation; training tokens/s still counts every completion token of the batch.",
     "peak_rss_mb: sampled every 10 ms in the library's process while its timed blocks ran; "
     "max_rss_mb_process_lifetime: ru_maxrss of that process (includes model loading).",
 ]
