@@ -4,11 +4,12 @@ Each library trains at its own recommended defaults on the arithmetic task with 
 embedded SmolLM2-135M-Instruct:
 
 * pg_lm: ``recipes/arithmetic.py`` DEFAULTS, read from the file at run time (RLOO, 4
-  prompts x 4 samples, 24 new tokens, its lr and ``mixed_precision``; the JSON records them
-  and the precision "auto" resolved to), except that this script's cap replaces the
-  recipe's ``max_seconds`` and ``--max-steps`` its ``max_steps`` (default: 400);
-* TRL: ``GRPOConfig`` defaults, except what the task needs -- ``num_generations=4``,
-  ``per_device_train_batch_size=16`` (4 prompts x 4), ``max_completion_length=24``,
+  prompts x 8 samples, 16 new tokens, LoRA r16, its lr and ``mixed_precision``; the JSON
+  records them and the precision "auto" resolved to), except that this script's cap
+  replaces the recipe's ``max_seconds`` (so its cosine lr decay runs over ``max_steps``)
+  and ``--max-steps`` its ``max_steps`` (default: 400);
+* TRL: ``GRPOConfig`` defaults, except the task's sizes, taken from the recipe --
+  ``num_generations`` (8), ``per_device_train_batch_size`` (4 prompts x 8), ``max_completion_length`` (16),
   ``max_steps`` -- and what keeps it off the Hub and the disk (``report_to="none"``,
   ``save_strategy="no"``) and on the CPU (``use_cpu=True``). So TRL keeps its lr 1e-6
   with linear decay over ``max_steps``, bf16, gradient checkpointing, GRPO std scaling,
@@ -110,8 +111,12 @@ def pg_lm_run(conn, args, output_dir: str) -> None:
 
 
 def trl_config(args, output_dir: str) -> dict:
-    kw = dict(output_dir=output_dir, num_generations=4, per_device_train_batch_size=16, max_completion_length=24,
-              max_steps=args.max_steps, use_cpu=True)
+    from _lm_setup import recipe_defaults
+
+    r = recipe_defaults()  # the task's sizes, as pg_lm's recipe sets them
+    kw = dict(output_dir=output_dir, num_generations=r["samples_per_prompt"],
+              per_device_train_batch_size=r["prompts_per_step"] * r["samples_per_prompt"],
+              max_completion_length=r["max_new_tokens"], max_steps=args.max_steps, use_cpu=True)
     if args.trl_bf16 != "default":
         kw["bf16"] = args.trl_bf16 == "true"
     return kw

@@ -52,7 +52,7 @@ from _common import RssSampler, load1, machine_info, matmul_peak, max_rss_mb, me
 
 SAME = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0,
             lr=1e-5, lora_r=0, kl_coef=0.0, chat_template=True, max_grad_norm=1.0, weight_decay=0.0,
-            warmup_steps=0, ppo_epochs=1, num_minibatches=1, loss_agg="token-mean", seed=0)
+            warmup_steps=0, lr_schedule="constant", ppo_epochs=1, num_minibatches=1, loss_agg="token-mean", seed=0)
 ROWS = SAME["prompts_per_step"] * SAME["samples_per_prompt"]
 
 

@@ -10,21 +10,23 @@ import sys
 
 from pg_lm.lm.train import run_cli, train
 
-# The recipe's defaults (flags override them). Leave-one-out baseline over 4 samples
-# per prompt (RLOO), LoRA r16 (full fine-tuning: --lora-r 0 --lr 2e-5); bf16 autocast (fp32 master weights) where the
-# hardware makes it faster.
+# The recipe's defaults (flags override them). Leave-one-out baseline over 8 samples per
+# prompt (RLOO), 16 new tokens (the evaluation's budget), LoRA r16 at lr 2e-4 with cosine
+# decay over the time budget (full fine-tuning: --lora-r 0 --lr 2e-5); bf16 autocast (fp32
+# master weights) where the hardware makes it faster. Measured choices: README "Measured results".
 DEFAULTS = dict(
     task="arithmetic",
     output_dir="runs/arithmetic",
     max_steps=400,
     max_seconds=640.0,
     prompts_per_step=4,
-    samples_per_prompt=4,
-    max_new_tokens=24,
+    samples_per_prompt=8,
+    max_new_tokens=16,
     estimator="reinforce",
     baseline="loo",
     lr=2e-4,
-    lora_r=16,  # measured: LoRA r16 at lr 2e-4 beat full fine-tuning at 2e-5 (0.82 vs 0.72)
+    lr_schedule="cosine",
+    lora_r=16,
     eval_every=0,
     eval_size=100,
     mixed_precision="auto",
