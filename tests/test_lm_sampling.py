@@ -285,3 +285,21 @@ def test_top_k_and_top_p_restrict_the_sampled_tokens(policy_tok):
     stats = _ranks_and_mass(lm, tok, r)
     assert all(mass < 0.05 + 1e-6 for _, mass in stats)  # the nucleus: mass above each drawn token < top_p
     assert max(rank for rank, _ in stats) >= 1  # ... but it is not greedy
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_token_frequencies_follow_the_softmax(temperature):
+    """Inverse-CDF sampling draws from softmax(logits / T): a chi-square test over 200k draws."""
+    from pg_lm.lm.sampling import _pick
+
+    g = torch.Generator().manual_seed(0)
+    V, n = 50, 200_000
+    logits = torch.randn(1, V, generator=g) * 2
+    p = (logits[0] / temperature).softmax(-1)
+    torch.manual_seed(1)
+    draws = _pick(logits.expand(n, V).contiguous(), False, temperature, 1.0, 0)
+    f = torch.bincount(draws, minlength=V).double() / n
+    chi2 = float((((f - p) ** 2) / p).sum() * n)
+    assert chi2 < 95.0, chi2  # 49 degrees of freedom: P(chi2 > 95) ~ 1e-4 for a correct sampler
+    wrong = (logits[0] / (temperature * 1.5)).softmax(-1)  # the test can tell a wrong temperature apart
+    assert float((((f - wrong) ** 2) / wrong).sum() * n) > 1000
