@@ -294,6 +294,10 @@ class Trainer:
                 stats.update(self.evaluate())
             if self.step % cfg.log_every == 0 or "eval/reward" in stats:
                 self.writer.log({**stats, "wall_s": self.elapsed()}, step=self.step)
+            if cfg.max_seconds is not None:  # a time budget: show the steps it will allow, so the ETA is right
+                done, left = self.step - steps_at_start, max(cfg.max_seconds - self.elapsed(), 0.0)
+                per_step = (time.perf_counter() - t_start) / done
+                bar.total = min(cfg.max_steps, self.step + int(left / per_step) + 1)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", tok_s=f"{stats['perf/tokens_per_s']:.0f}")
             if cfg.save_every and self.step % cfg.save_every == 0:
