@@ -200,10 +200,12 @@ class Trainer:
                 # global denominators: identical loss whatever the micro-batch / process split
                 n_tok = float(acc.reduce(batch.completion_mask[rows].sum().reshape(1), "sum"))
                 n_seq = float(len(rows) * acc.num_processes)
-                rows = self._rows_to_train(rows, adv)
+                kept = self._rows_to_train(rows, adv)  # as many on every process, so all take the same branch
+                stat_denoms = (n_tok, n_seq) if len(kept) == len(rows) else (
+                    float(acc.reduce(batch.completion_mask[kept].sum().reshape(1), "sum")),
+                    float(len(kept) * acc.num_processes))
+                rows = kept
                 trained += len(rows)
-                stat_denoms = (float(acc.reduce(batch.completion_mask[rows].sum().reshape(1), "sum")),
-                               float(len(rows) * acc.num_processes))
                 # prompts are shared across a group only when micro-batches are whole groups in order
                 share = G if micro % G == 0 and _whole_groups(rows, G) else 1
                 chunks = rows.split(micro) if len(rows) else ()
