@@ -40,7 +40,9 @@ scoring + advantages); reward and completion lengths from TRL's own logged metri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -54,6 +56,33 @@ SAME = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24, tempera
             lr=1e-5, lora_r=0, kl_coef=0.0, chat_template=True, max_grad_norm=1.0, weight_decay=0.0,
             warmup_steps=0, lr_schedule="constant", ppo_epochs=1, num_minibatches=1, loss_agg="token-mean", seed=0)
 ROWS = SAME["prompts_per_step"] * SAME["samples_per_prompt"]
+# process-level settings pg_lm applies to itself (pg_lm/__init__.py, pg_lm.run.perf.tune_malloc); TRL's process
+# gets the environment as the user had it, or these with --trl-process-tuning
+_USER_ENV = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_",
+                                            "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")}
+PG_LM_TUNING = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """os.environ with ``values`` (None: unset) while a worker is spawned (a child copies it at start)."""
+    saved = {k: os.environ.get(k) for k in values}
+    def put(vals):
+        for k, v in vals.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    put(values)
+    try:
+        yield
+    finally:
+        put(saved)
+
+
+def trl_environment(args) -> dict:
+    return dict(PG_LM_TUNING) if args.trl_process_tuning else dict(_USER_ENV)
 
 
 def pg_lm_overrides(args, total_steps: int, trl_bf16: bool) -> dict:
@@ -97,6 +126,8 @@ def _pg_lm_step(trainer) -> dict:
 
 
 def pg_lm_worker(conn, overrides: dict, total_steps: int, output_dir: str) -> None:
+    import pg_lm  # noqa: F401  first, as a user script would: it sets up the allocator before torch loads
+
     from _lm_setup import build_pg_lm, pg_lm_step_prompts
 
     trainer = build_pg_lm(overrides, output_dir)
@@ -208,14 +239,15 @@ def _segments(warmup: int, steps: int, blocks: int) -> list[int]:
     return ([warmup] if warmup else []) + [steps] * blocks
 
 
-def probe_trl_bf16(ctx, prompts, answers, probe_steps: int, tmp: str) -> dict:
+def probe_trl_bf16(ctx, prompts, answers, probe_steps: int, tmp: str, env: dict) -> dict:
     """TRL with bf16=True and with bf16=False, alive side by side and alternating step by step
     (1 warm-up + ``probe_steps`` each); the faster wins. If bf16 fails here, fp32 it is."""
     segments, workers = [1] * (1 + probe_steps), {}
     try:
         for bf16 in (True, False):
             kw = trl_config(bf16, len(segments), f"{tmp}/probe_{bf16}")
-            workers[str(bf16).lower()] = _start(ctx, trl_worker, prompts, answers, kw, segments)
+            with _environment(env):
+                workers[str(bf16).lower()] = _start(ctx, trl_worker, prompts, answers, kw, segments)
             workers[str(bf16).lower()][1].recv()
         blocks = _run_segments(workers, segments, warmup=1)
         _finish(workers)
@@ -270,6 +302,10 @@ def parse_args(argv=None):
     p.add_argument("--pg-lm-skip-zero-advantage", choices=("true", "false"), default="true",
                    help="pg_lm's default (true) leaves rows with zero advantage out of the backward pass (the same "
                    "gradient); false runs every row through it, as TRL does: the like-for-like compute")
+    p.add_argument("--trl-process-tuning", action="store_true",
+                   help="give TRL's process the allocator settings pg_lm applies to its own (transparent huge pages "
+                   "for torch tensors, glibc malloc thresholds) through the environment; default: TRL runs in the "
+                   "environment as it was")
     p.add_argument("--output", default="runs/bench/lm_vs_trl.json")
     args = p.parse_args(argv)
     if min(args.steps, args.blocks) < 1 or args.warmup < 0:
@@ -285,7 +321,8 @@ def choose_trl_bf16(args, ctx, tmp: str) -> dict:
     print("probing TRL bf16 on / off ...", flush=True)
     train, _ = arithmetic_datasets()
     n = SAME["prompts_per_step"] * (1 + args.trl_probe_steps)  # any prompts do for a speed probe
-    return probe_trl_bf16(ctx, list(train["prompt"][:n]), list(train["answer"][:n]), args.trl_probe_steps, tmp)
+    return probe_trl_bf16(ctx, list(train["prompt"][:n]), list(train["answer"][:n]), args.trl_probe_steps, tmp,
+                          trl_environment(args))
 
 
 def measure_peaks(before: dict | None = None) -> dict:
@@ -302,7 +339,8 @@ def run_both(args, ctx, tmp: str, trl_bf16: bool) -> dict:
     hello_pg = pg[1].recv()
     prompts, answers = hello_pg.pop("prompts"), hello_pg.pop("answers")
     trl_kw = trl_config(trl_bf16, total, f"{tmp}/trl")
-    trl = _start(ctx, trl_worker, prompts, answers, trl_kw, segments)
+    with _environment(trl_environment(args)):
+        trl = _start(ctx, trl_worker, prompts, answers, trl_kw, segments)
     hello_trl = trl[1].recv()
     blocks = _run_segments({"pg_lm": pg, "trl": trl}, segments, args.warmup)
     final = _finish({"pg_lm": pg, "trl": trl})
@@ -333,6 +371,7 @@ def main(argv=None) -> int:
                             model="smollm2-135m-instruct", pg_lm_baseline=args.pg_lm_baseline,
                             pg_lm_precision=args.pg_lm_precision, pg_lm=run["hello_pg"]["config"],
                             pg_lm_skip_zero_advantage=args.pg_lm_skip_zero_advantage,
+                            trl_process_env=trl_environment(args),
                             trl={**run["trl_kw"], **run["hello_trl"]})
     result["notes"] = NOTES
     write_json(args.output, result)

@@ -38,8 +38,10 @@ class Policy(nn.Module):
         group_size: int = 1,  # G: rows [iG, (i+1)G) share a prompt; G > 1 encodes it once
         temperature: float = 1.0,
         with_entropy: bool = False,
+        entropy_grad: bool = True,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Log-probs of the completion tokens, and values / entropies there. Each (B, T), fp32.
+        ``entropy_grad=False``: the entropies carry no gradient (a diagnostic).
 
         With ``group_size`` G > 1 each prompt is run once and its KV cache (with its
         gradient) is shared by its G completions: the same numbers as G = 1 for less work.
@@ -63,28 +65,37 @@ class Policy(nn.Module):
         values = None
         if want_h:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
-        entropy = entropy_from_logits(logits) if with_entropy else None  # (B, T)
+        entropy = None
+        if with_entropy:  # a diagnostic unless it is in the loss: then no graph (and no saved (B, T, V) tensors)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = entropy_from_logits(logits)  # (B, T)
         return logp, values, entropy
 
     def _shared_prompt_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, G, want_h):
-        """Prompt once per group (N = B / G rows), KV cache repeated G times, then completions."""
+        """Prompt once per group (N = B / G rows), KV cache repeated G times, then completions.
+
+        The cached part is the prompt *without its last token*; the second call runs that
+        token and the completions, so all T log-probs come from one vocabulary projection
+        (a separate projection for the prompt's last position cost a (V, H) weight gradient
+        of its own, then an add of two (V, H) tensors, in every backward).
+        """
         B, T = completion_ids.shape
-        p_ids, p_mask = prompt_ids[::G], prompt_mask[::G]  # (N, P)
-        out = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True,
-                      logits_to_keep=1, output_hidden_states=want_h)
-        logits = out.logits[:, -1:].repeat_interleave(G, 0)  # (B, 1, V): predicts completion token 0
-        hidden = out.hidden_states[-1][:, -1:].repeat_interleave(G, 0) if want_h else None  # (B, 1, H)
-        if T > 1:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(G)  # differentiable: gradients flow back to the prompt
-            am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)[:, :-1]  # (B, P + T - 1)
-            pos = positions(am)[:, -(T - 1) :]  # (B, T - 1)
-            out2 = self.lm(input_ids=completion_ids[:, :-1], attention_mask=am, position_ids=pos,
-                           past_key_values=cache, use_cache=True, output_hidden_states=want_h)
-            logits = torch.cat([logits, out2.logits], 1)  # (B, T, V)
-            if want_h:
-                hidden = torch.cat([hidden, out2.hidden_states[-1]], 1)  # (B, T, H)
-        return logits, hidden
+        if prompt_ids.shape[1] < 2:  # nothing to cache: run the rows in full
+            ids = torch.cat([prompt_ids, completion_ids], 1)
+            am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
+            out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am), logits_to_keep=T + 1,
+                          output_hidden_states=want_h, use_cache=False)
+            return out.logits[:, -T - 1 : -1], out.hidden_states[-1][:, -T - 1 : -1] if want_h else None
+        p_ids, p_mask = prompt_ids[::G, :-1], prompt_mask[::G, :-1]  # (N, P - 1); left padding: the last column is real
+        # logits_to_keep=1: the prompt's own logits are not used (no gradient flows through them), keep them tiny
+        cache = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True,
+                        logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(G)  # differentiable: gradients flow back to the prompt
+        am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)[:, :-1]  # (B, P + T - 1)
+        ids = torch.cat([prompt_ids[:, -1:], completion_ids[:, :-1]], 1)  # (B, T): position t predicts token t
+        out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am)[:, -T:], past_key_values=cache,
+                      use_cache=True, output_hidden_states=want_h)
+        return out.logits, out.hidden_states[-1] if want_h else None  # (B, T, V), (B, T, H)
 
 
 def positions(attention_mask: Tensor) -> Tensor:

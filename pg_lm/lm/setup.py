@@ -94,8 +94,6 @@ def build(trainer) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda _: lr_factor(cfg.lr_schedule, trainer.progress(), trainer.step, cfg.warmup_steps))
     trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
-    for p in trainer.params:  # zero, not None: a step whose rows were all skipped (see Trainer.update) still
-        p.grad = torch.zeros_like(p)  # moves AdamW's moments exactly as a zero gradient would
     trainer.resumed_summary, trainer.prior_wall_s = {}, 0.0
     if resume is not None:
         load_trainer_state(trainer, resume)

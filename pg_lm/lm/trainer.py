@@ -81,7 +81,8 @@ class Trainer:
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx, self.acc.autocast():
             return model(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                         group_size=batch.group_size, temperature=self.cfg.temperature, with_entropy=grad)
+                         group_size=batch.group_size, temperature=self.cfg.temperature, with_entropy=grad,
+                         entropy_grad=bool(self.cfg.entropy_coef))
 
     def _ref_logp(self, batch: Rollout) -> Tensor | None:
         if self.kl_coef <= 0 and self.cfg.kl_target is None:
@@ -224,11 +225,15 @@ class Trainer:
                         acc.backward(loss * acc.num_processes)
                     for k, v in parts.items():
                         totals[k] = totals.get(k, 0.0) + float(v) / (cfg.ppo_epochs * cfg.num_minibatches)
+                for p in self.params:  # no backward ran (every row skipped): step AdamW as a zero gradient would
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 if cfg.max_grad_norm is not None:
                     gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     totals["policy/grad_norm"] = float(gn)
                 self.opt.step()
-                self.opt.zero_grad(set_to_none=False)
+                # None, not zeros: the next backward then writes each gradient instead of adding it to zeros
+                self.opt.zero_grad(set_to_none=True)
         totals.setdefault("loss/policy", 0.0)  # every row skipped: each had advantage 0, so the loss is 0
         totals["perf/trained_frac"] = trained / (B * cfg.ppo_epochs)
         return totals

@@ -1,0 +1,54 @@
+"""Process-level speed settings: glibc malloc tuning and huge pages for torch's CPU tensors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pg_lm.run.perf import tune_malloc
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+# allocate and touch a 64 MB tensor, then report the process's anonymous huge-page memory (kB)
+PROBE = """
+import os, sys
+if sys.argv[1] == "pg_lm":
+    import pg_lm  # noqa: F401
+import torch
+x = torch.empty(64 << 20, dtype=torch.uint8)
+x.fill_(1)
+kb = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0].split()[1]
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), kb)
+"""
+
+
+def _probe(first: str, env_thp: str | None) -> tuple[str, int]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env_thp is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = env_thp
+    out = subprocess.run([sys.executable, "-c", PROBE, first], env=env, capture_output=True, text=True, check=True)
+    value, kb = out.stdout.split()
+    return value, int(kb)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
+                    reason="needs Linux with transparent huge pages available (madvise or always)")
+def test_importing_pg_lm_first_backs_large_tensors_with_huge_pages():
+    value, kb = _probe("pg_lm", None)
+    assert value == "1" and kb >= 32 << 10  # most of the 64 MB tensor sits on 2 MB pages
+    if "[madvise]" in THP.read_text():  # then torch alone does not ask for them, and a user's "0" is respected
+        assert _probe("torch", None)[1] < 32 << 10
+        value, kb = _probe("pg_lm", "0")
+        assert value == "0" and kb < 32 << 10
+
+
+def test_tune_malloc_applies_once_on_linux_glibc():
+    ok = tune_malloc()
+    assert tune_malloc() is ok  # idempotent
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert ok == (platform.libc_ver()[0] == "glibc")
