@@ -27,6 +27,11 @@ leave-one-out). TRL's gradient checkpointing is off (pg_lm has none; it only slo
 Precision: ``--trl-bf16 auto`` runs TRL with bf16=True and bf16=False side by side for a
 few alternating steps and keeps the faster; pg_lm then uses the same (``--pg-lm-precision``).
 
+Process settings: pg_lm's process imports pg_lm first, which turns on transparent huge pages
+for torch's CPU tensors (``THP_MEM_ALLOC_ENABLE=1``) and applies its glibc malloc settings;
+TRL's process gets the environment as it was (``--trl-process-tuning`` gives it the same
+settings through the environment; the JSON's ``config.trl_process_env`` says which).
+
 Timing: pg_lm -- wall clock around ``Trainer.train_step()``; its ``perf/gen_s`` (sampling)
 and ``perf/train_s`` (the update). TRL -- a TrainerCallback from ``on_step_begin`` to
 ``on_step_end``; generation = time inside ``GRPOTrainer._generate`` (chat template,

@@ -1,0 +1,123 @@
+"""Reward per step, pg_lm vs TRL's GRPOTrainer, at lm_vs_trl.py's configuration, over several seeds.
+
+One seeded run per library and seed is one draw of a noisy process: from the untrained
+model ~2% of samples are correct, and whether an early step happens to contain a correct
+sample decides when learning starts (pg_lm, seeds 0-5, 12 steps: 4, 9, 0, 3, 1 and 15 correct
+samples of 192; BENCHMARKS.md). So "reward per step no worse" is judged over seeds: for each seed both
+libraries train ``--steps`` steps on the same prompts in the same order (pg_lm's order for
+that seed, handed to TRL), the same configuration as ``lm_vs_trl.py`` (SAME there: 4
+prompts x 4 samples, 24 new tokens, temperature 1, full fine-tuning at lr 1e-5, GRPO
+advantage, token-mean loss, no KL, fp32), and the correct samples of every step are
+counted. Reported: each library's mean reward per step over all seeds and steps with its
+standard error over seeds, and the per-seed paired difference. Nothing is timed here, so
+the machine need not be idle.
+
+    python benchmarks/lm_reward_per_step.py --seeds 0 1 2 3 4 5 --steps 12 --output runs/bench/lm_reward_per_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lm_vs_trl as B  # noqa: E402
+from _common import machine_info, write_json  # noqa: E402
+
+
+def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str) -> None:
+    """``lr`` None: only the prompts of ``steps`` steps are wanted, nothing is trained."""
+    import pg_lm  # noqa: F401  before torch, as a user script would
+
+    from _lm_setup import build_pg_lm, pg_lm_step_prompts
+
+    args = B.parse_args(["--trl-bf16", "false"])
+    trainer = build_pg_lm({**B.pg_lm_overrides(args, steps, False), "seed": seed, "lr": lr or B.SAME["lr"]},
+                          output_dir)
+    prompts, answers = pg_lm_step_prompts(trainer, steps)
+    rewards = [trainer.train_step()["reward/mean"] for _ in range(steps if lr is not None else 0)]
+    conn.send(dict(prompts=prompts, answers=answers, rewards=rewards))
+
+
+def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output_dir: str) -> None:
+    from transformers import TrainerCallback
+
+    from _lm_setup import build_trl
+
+    rewards = []
+
+    class Log(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                rewards.append(logs["reward"])
+
+    kw = {**B.trl_config(False, steps, output_dir), "seed": seed, "learning_rate": lr}
+    trainer = build_trl(prompts, answers, kw, callbacks=[Log()])
+    trainer.train()
+    conn.send(dict(rewards=rewards))
+
+
+def _run(ctx, target, *args) -> dict:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc.start()
+    child.close()
+    out = parent.recv()
+    proc.join(timeout=120)
+    return out
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    p.add_argument("--steps", type=int, default=12, help="training steps per run")
+    p.add_argument("--lr", type=float, default=B.SAME["lr"],
+                   help="learning rate for both (0: no learning, the samplers alone)")
+    p.add_argument("--libraries", nargs="+", choices=("pg_lm", "trl"), default=["pg_lm", "trl"],
+                   help="which to run (pg_lm always runs to fix the prompts; its rewards are dropped if not listed)")
+    p.add_argument("--output", default="runs/bench/lm_reward_per_step.json")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.lr < 0 or (args.lr == 0 and "pg_lm" in args.libraries):
+        p.error("--lr must be > 0 for pg_lm (it rejects lr 0); for lr 0 run --libraries trl")
+    ctx, tmp = mp.get_context("spawn"), tempfile.mkdtemp(prefix="bench_reward_")
+    runs = []
+    for seed in args.seeds:
+        pg_lr = args.lr if "pg_lm" in args.libraries else None  # else pg_lm only fixes the prompts
+        run = dict(seed=seed, pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}"))
+        if "trl" in args.libraries:
+            run["trl"] = _run(ctx, trl_rewards, run["pg_lm"]["prompts"], run["pg_lm"]["answers"], seed, args.steps,
+                              args.lr, f"{tmp}/trl_{seed}")
+        run = {"seed": seed, **{lib: run[lib]["rewards"] for lib in args.libraries}}
+        runs.append(run)
+        print(f"seed {seed}: correct per step " + "  ".join(
+            f"{lib} {[round(r * B.ROWS) for r in run[lib]]}" for lib in args.libraries), flush=True)
+    per_seed = {lib: [statistics.fmean(r[lib]) for r in runs] for lib in args.libraries}
+    result = dict(benchmark="lm_reward_per_step", machine=machine_info(),
+                  config=dict(B.SAME, lr=args.lr, steps=args.steps), runs=runs, mean_reward_per_step_per_seed=per_seed)
+    line = f"mean reward per step over {len(args.seeds)} seeds x {args.steps} steps:"
+    for lib in args.libraries:
+        result[f"{lib}_mean_reward_per_step"], result[f"{lib}_se"] = _mean_se(per_seed[lib])
+        line += f" {lib} {result[f'{lib}_mean_reward_per_step']:.4f} (se {result[f'{lib}_se']:.4f})"
+    if len(args.libraries) == 2:
+        diff = [a - b for a, b in zip(per_seed["pg_lm"], per_seed["trl"])]
+        result["paired_difference_mean"], result["paired_difference_se"] = _mean_se(diff)
+        line += f"; pg_lm - TRL {result['paired_difference_mean']:+.4f} (se {result['paired_difference_se']:.4f})"
+    write_json(args.output, result)
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

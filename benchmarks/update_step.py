@@ -1,0 +1,67 @@
+"""Time pg_lm's update (forward, backward, clip, AdamW) alone, at lm_vs_trl.py's configuration.
+
+One rollout of the embedded model (4 prompts x 4 samples, up to 24 new tokens, full
+fine-tuning, fp32) is drawn after ``--warmup`` whole training steps; then
+``Trainer.update`` runs ``--repeats`` times on it with every row's advantage made non-zero
+(so no row is skipped: the like-for-like compute). Prints each update's seconds, its minor page faults and the
+median; ``--output`` writes them as JSON. For A/B tests of changes to the update path: run it
+on each version, alternating, on an idle machine.
+
+    python benchmarks/update_step.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pg_lm  # noqa: E402,F401  before torch, as a user script would
+
+import lm_vs_trl as B  # noqa: E402
+from _common import load1, machine_info, median, write_json  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--warmup", type=int, default=3, help="whole training steps before the timed updates")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    from _lm_setup import build_pg_lm
+    from pg_lm.lm import estimate
+
+    bench_args = B.parse_args(["--trl-bf16", "false", "--pg-lm-skip-zero-advantage", "false"])
+    trainer = build_pg_lm(B.pg_lm_overrides(bench_args, args.warmup + args.repeats + 1, False), tempfile.mkdtemp())
+    for _ in range(args.warmup):
+        trainer.train_step()
+    cfg = trainer.cfg
+    batch, _ = trainer.rollout()
+    adv, ret = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask, batch.values,
+                                   cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
+    adv = adv + 0.01 * batch.completion_mask  # every row live
+    result = dict(benchmark="update_step", load1_start=load1(), machine=machine_info(),
+                  completion_tokens=int(batch.completion_mask.sum()), pg_lm_file=pg_lm.__file__,
+                  thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE"), update_s=[], minor_faults=[])
+    for _ in range(args.repeats):
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        trainer.update(batch, adv, ret)
+        result["update_s"].append(time.perf_counter() - t0)
+        result["minor_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        print(f"update {result['update_s'][-1]:.3f} s, {result['minor_faults'][-1]} page faults", flush=True)
+    result["median_update_s"], result["load1_end"] = median(result["update_s"]), load1()
+    print(f"median {result['median_update_s']:.3f} s over {args.repeats} (load1 {result['load1_start']:.2f}; "
+          f"pg_lm from {pg_lm.__file__}, THP_MEM_ALLOC_ENABLE={result['thp_mem_alloc_enable']})")
+    if args.output:
+        write_json(args.output, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
