@@ -186,6 +186,28 @@ def test_shared_prompt_forward_matches_reference_and_gradients(policy_tok):
         torch.testing.assert_close(lpG[i, : len(c)], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prompt_len, lengths", [(1, (3, 1, 2, 3)), (5, (1, 1, 1, 1))])
+def test_shared_prompt_forward_edge_shapes(policy_tok, prompt_len, lengths):
+    """One-token prompts (nothing to cache: rows run in full) and one-token completions
+    (the second call is the prompt's last token alone) give the plain forward's numbers."""
+    policy, tok = policy_tok
+    G = 2
+    g = torch.Generator().manual_seed(7)
+    p_ids = torch.randint(4, len(tok), (2, prompt_len), generator=g).repeat_interleave(G, 0)  # (4, P), no padding
+    comps = _random_completions(tok, lengths, seed=5)
+    T = max(lengths)
+    comp = torch.full((4, T), tok.pad_token_id)
+    for i, c in enumerate(comps):
+        comp[i, : len(c)] = torch.tensor(c)
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+    args = (p_ids, torch.ones_like(p_ids), comp, mask)
+    with torch.no_grad():
+        ref = policy(*args, group_size=1, with_entropy=True)
+        got = policy(*args, group_size=G, with_entropy=True)
+    for r, x in zip(ref, got):
+        torch.testing.assert_close(x * mask, r * mask, atol=1e-5, rtol=1e-5)
+
+
 def test_token_logprobs_matches_log_softmax():
     logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1))
     tokens = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
