@@ -48,7 +48,7 @@ class Policy(nn.Module):
         """
         T = completion_ids.shape[1]
         want_h = self.value_head is not None
-        if group_size == 1:
+        if group_size == 1 or prompt_ids.shape[1] < 2:  # (a one-token prompt leaves nothing to cache)
             ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + T)
             am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
             out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am), logits_to_keep=T + 1,
@@ -80,12 +80,6 @@ class Policy(nn.Module):
         of its own, then an add of two (V, H) tensors, in every backward).
         """
         B, T = completion_ids.shape
-        if prompt_ids.shape[1] < 2:  # nothing to cache: run the rows in full
-            ids = torch.cat([prompt_ids, completion_ids], 1)
-            am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
-            out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am), logits_to_keep=T + 1,
-                          output_hidden_states=want_h, use_cache=False)
-            return out.logits[:, -T - 1 : -1], out.hidden_states[-1][:, -T - 1 : -1] if want_h else None
         p_ids, p_mask = prompt_ids[::G, :-1], prompt_mask[::G, :-1]  # (N, P - 1); left padding: the last column is real
         # logits_to_keep=1: the prompt's own logits are not used (no gradient flows through them), keep them tiny
         cache = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True,
