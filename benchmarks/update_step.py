@@ -35,16 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     from _lm_setup import build_pg_lm
-    from pg_lm.lm import estimate
 
     bench_args = B.parse_args(["--trl-bf16", "false", "--pg-lm-skip-zero-advantage", "false"])
     trainer = build_pg_lm(B.pg_lm_overrides(bench_args, args.warmup + args.repeats + 1, False), tempfile.mkdtemp())
     for _ in range(args.warmup):
         trainer.train_step()
-    cfg = trainer.cfg
     batch, _ = trainer.rollout()
-    adv, ret = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask, batch.values,
-                                   cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
+    adv, ret = trainer.advantages(batch)
     adv = adv + 0.01 * batch.completion_mask  # every row live
     result = dict(benchmark="update_step", load1_start=load1(), machine=machine_info(),
                   completion_tokens=int(batch.completion_mask.sum()), pg_lm_file=pg_lm.__file__,

@@ -245,15 +245,21 @@ class Trainer:
         n = cfg.prompts_per_step * cfg.samples_per_prompt * self.acc.num_processes
         self.kl_coef *= 1.0 + err * n / cfg.kl_horizon
 
+    def advantages(self, batch: Rollout) -> tuple[Tensor, Tensor | None]:
+        """(advantages (B, T), value targets (B, T) or None) of a scored rollout, as the config asks."""
+        cfg = self.cfg
+        adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
+                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, batch.completion_mask)
+        return adv, returns
+
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
         lr = self.sched.get_last_lr()[0]  # this step's learning rate
         batch, stats = self.rollout()
-        adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
-                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
-        if cfg.whiten_advantages:
-            adv = masked_whiten(adv, batch.completion_mask)
+        adv, returns = self.advantages(batch)
         t1 = time.perf_counter()
         stats.update(self.update(batch, adv, returns))
         if returns is not None and batch.values is not None:
