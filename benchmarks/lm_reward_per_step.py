@@ -63,11 +63,9 @@ def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output
 
 
 def _run(ctx, target, *args) -> dict:
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
-    proc.start()
-    child.close()
-    out = parent.recv()
+    """Run ``target`` in its own process (lm_vs_trl's worker start) and return the one dict it sends."""
+    proc, conn = B._start(ctx, target, *args)
+    out = conn.recv()
     proc.join(timeout=120)
     return out
 

@@ -16,10 +16,15 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD, TOP_PAD = 32 << 20, 1 << 30, 256 << 20
+# the same settings as glibc reads them from the environment (for a process started with them)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+              "MALLOC_TOP_PAD_": str(TOP_PAD)}
 _done = False
 
 
-def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, top_pad: int = 256 << 20) -> bool:
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
+                top_pad: int = TOP_PAD) -> bool:
     """Apply the glibc malloc settings once; returns whether they were applied."""
     global _done
     if _done or not sys.platform.startswith("linux") or os.environ.get("PG_LM_MALLOC_TUNING", "1") == "0":
