@@ -75,6 +75,42 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
     return m, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
 
 
+def summarize(runs: list[dict], config: dict) -> dict:
+    """Each library's mean reward per step over seeds (mean, standard error over seeds) and,
+    with both libraries, the per-seed paired difference pg_lm - TRL."""
+    libraries = [lib for lib in ("pg_lm", "trl") if all(lib in r for r in runs)]
+    per_seed = {lib: [statistics.fmean(r[lib]) for r in runs] for lib in libraries}
+    result = dict(benchmark="lm_reward_per_step", machine=machine_info(), config=config, runs=runs,
+                  mean_reward_per_step_per_seed=per_seed)
+    line = f"mean reward per step over {len(runs)} seeds x {config['steps']} steps:"
+    for lib in libraries:
+        result[f"{lib}_mean_reward_per_step"], result[f"{lib}_se"] = _mean_se(per_seed[lib])
+        line += f" {lib} {result[f'{lib}_mean_reward_per_step']:.4f} (se {result[f'{lib}_se']:.4f})"
+    if len(libraries) == 2:
+        diff = [a - b for a, b in zip(per_seed["pg_lm"], per_seed["trl"])]
+        result["paired_difference_mean"], result["paired_difference_se"] = _mean_se(diff)
+        line += f"; pg_lm - TRL {result['paired_difference_mean']:+.4f} (se {result['paired_difference_se']:.4f})"
+        correct = {lib: sum(round(x * B.ROWS) for r in runs for x in r[lib]) for lib in libraries}
+        line += f"; correct samples {correct['pg_lm']} vs {correct['trl']} of {B.ROWS * config['steps'] * len(runs)}"
+    result["summary"] = line
+    return result
+
+
+def pool(paths: list[str]) -> dict:
+    """The runs of several earlier outputs (same configuration, distinct seeds) as one result."""
+    import json
+
+    outs = [json.loads(Path(p).read_text()) for p in paths]
+    config = outs[0]["config"]
+    if any(o["config"] != config for o in outs):
+        raise SystemExit(f"--pool: the files were run with different configurations: {[o['config'] for o in outs]}")
+    runs = [r for o in outs for r in o["runs"]]
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--pool: a seed appears twice: {sorted(seeds)}")
+    return dict(summarize(runs, config), pooled_from=list(paths))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
@@ -83,37 +119,32 @@ def main(argv=None) -> int:
                    help="learning rate for both (0: no learning, the samplers alone)")
     p.add_argument("--libraries", nargs="+", choices=("pg_lm", "trl"), default=["pg_lm", "trl"],
                    help="which to run (pg_lm always runs to fix the prompts; its rewards are dropped if not listed)")
+    p.add_argument("--pool", nargs="+", metavar="JSON", default=None,
+                   help="train nothing: summarise the runs of these earlier outputs together")
     p.add_argument("--output", default="runs/bench/lm_reward_per_step.json")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
     if args.lr < 0 or (args.lr == 0 and "pg_lm" in args.libraries):
         p.error("--lr must be > 0 for pg_lm (it rejects lr 0); for lr 0 run --libraries trl")
-    ctx, tmp = mp.get_context("spawn"), tempfile.mkdtemp(prefix="bench_reward_")
-    runs = []
-    for seed in args.seeds:
-        pg_lr = args.lr if "pg_lm" in args.libraries else None  # else pg_lm only fixes the prompts
-        run = dict(seed=seed, pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}"))
-        if "trl" in args.libraries:
-            run["trl"] = _run(ctx, trl_rewards, run["pg_lm"]["prompts"], run["pg_lm"]["answers"], seed, args.steps,
-                              args.lr, f"{tmp}/trl_{seed}")
-        run = {"seed": seed, **{lib: run[lib]["rewards"] for lib in args.libraries}}
-        runs.append(run)
-        print(f"seed {seed}: correct per step " + "  ".join(
-            f"{lib} {[round(r * B.ROWS) for r in run[lib]]}" for lib in args.libraries), flush=True)
-    per_seed = {lib: [statistics.fmean(r[lib]) for r in runs] for lib in args.libraries}
-    result = dict(benchmark="lm_reward_per_step", machine=machine_info(),
-                  config=dict(B.SAME, lr=args.lr, steps=args.steps), runs=runs, mean_reward_per_step_per_seed=per_seed)
-    line = f"mean reward per step over {len(args.seeds)} seeds x {args.steps} steps:"
-    for lib in args.libraries:
-        result[f"{lib}_mean_reward_per_step"], result[f"{lib}_se"] = _mean_se(per_seed[lib])
-        line += f" {lib} {result[f'{lib}_mean_reward_per_step']:.4f} (se {result[f'{lib}_se']:.4f})"
-    if len(args.libraries) == 2:
-        diff = [a - b for a, b in zip(per_seed["pg_lm"], per_seed["trl"])]
-        result["paired_difference_mean"], result["paired_difference_se"] = _mean_se(diff)
-        line += f"; pg_lm - TRL {result['paired_difference_mean']:+.4f} (se {result['paired_difference_se']:.4f})"
+    if args.pool:
+        result = pool(args.pool)
+    else:
+        ctx, tmp = mp.get_context("spawn"), tempfile.mkdtemp(prefix="bench_reward_")
+        runs = []
+        for seed in args.seeds:
+            pg_lr = args.lr if "pg_lm" in args.libraries else None  # else pg_lm only fixes the prompts
+            run = dict(seed=seed, pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}"))
+            if "trl" in args.libraries:
+                run["trl"] = _run(ctx, trl_rewards, run["pg_lm"]["prompts"], run["pg_lm"]["answers"], seed,
+                                  args.steps, args.lr, f"{tmp}/trl_{seed}")
+            run = {"seed": seed, **{lib: run[lib]["rewards"] for lib in args.libraries}}
+            runs.append(run)
+            print(f"seed {seed}: correct per step " + "  ".join(
+                f"{lib} {[round(r * B.ROWS) for r in run[lib]]}" for lib in args.libraries), flush=True)
+        result = summarize(runs, dict(B.SAME, lr=args.lr, steps=args.steps))
+    print(result["summary"])
     write_json(args.output, result)
-    print(line)
     return 0
 
 
