@@ -52,3 +52,44 @@ def test_tune_malloc_applies_once_on_linux_glibc():
         import platform
 
         assert ok == (platform.libc_ver()[0] == "glibc")
+
+
+# an update's pattern of large tensors (sizes of SmolLM2's (V, H) gradients, logits, ...):
+# allocate, compute, free, five times over; print the page faults of the last two rounds
+REUSE = """
+import resource, torch
+from pg_lm.run.perf import tune_malloc
+print(tune_malloc(), end=" ")
+faults, out = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+for _ in range(5):
+    f0 = faults()
+    xs = [torch.ones(n) for n in (28311552, 18874368, 28311552, 7 << 20)]  # 113, 75, 113, 28 MB
+    ys = [x * 2 for x in xs]
+    del xs
+    zs = [y + 1 for y in ys]
+    del ys, zs
+    out.append(faults() - f0)
+print(sum(out[-2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
+def test_tune_malloc_reuses_freed_large_blocks():
+    """Blocks over 32 MB are mmap-ed by default: freed, they go back to the OS and return as
+    fresh pages to fault in, every round. With the settings (``M_MMAP_MAX = 0`` above all)
+    the heap serves them again: no faults once it has grown to the working set."""
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+
+    def late_faults(tuning: str) -> tuple[str, int]:
+        env = {**os.environ, "PG_LM_MALLOC_TUNING": tuning, "THP_MEM_ALLOC_ENABLE": "0"}  # 4 kB pages: clear counts
+        out = subprocess.run([sys.executable, "-c", REUSE], env=env, capture_output=True, text=True, check=True)
+        applied, n = out.stdout.split()
+        return applied, int(n)
+
+    (applied, tuned), (off, untuned) = late_faults("1"), late_faults("0")
+    assert (applied, off) == ("True", "False")
+    assert untuned > 20000 and tuned < 5000, (tuned, untuned)
