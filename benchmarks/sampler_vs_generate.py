@@ -7,7 +7,13 @@ scored correct by ``exact_match`` for each (1,024 samples each). The two should 
 sampling noise (~0.4 percentage points at these rates).
 
     python benchmarks/sampler_vs_generate.py
+    python benchmarks/sampler_vs_generate.py --checkpoint runs/arithmetic/checkpoint-last  # a trained LoRA adapter
+
+Untrained, ~2% of samples are correct, so only large differences would show; a trained
+checkpoint (``make demo`` leaves one) puts the success rate where the test has power.
 """
+
+import argparse
 
 import torch
 
@@ -20,9 +26,12 @@ PROMPTS, G, PER_CALL, NEW_TOKENS = 64, 16, 4, 24
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="a LoRA adapter saved by the arithmetic recipe, merged in")
+    args = p.parse_args()
     tune_malloc()
-    policy, tok = load_policy("smollm2-135m-instruct")
-    lm = policy.lm.eval()
+    policy, tok = load_policy("smollm2-135m-instruct", lora_r=8 if args.checkpoint else 0, resume_dir=args.checkpoint)
+    lm = (policy.lm.merge_and_unload() if args.checkpoint else policy.lm).eval()  # r: read from the adapter
     train, _ = arithmetic_datasets(100)
     prompts, answers = train["prompt"][:PROMPTS], train["answer"][:PROMPTS]
     eos = eos_token_ids(tok, lm)

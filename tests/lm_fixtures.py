@@ -85,6 +85,7 @@ def make_tiny_gpt2(out_dir, seed: int = 0) -> Path:
     tok = make_tokenizer()
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, n_inner=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # deterministic, like SmolLM2 (no dropout)
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      tie_word_embeddings=True)  # tied input/output embeddings, like SmolLM2 and GPT-2
     model = GPT2LMHeadModel(cfg)
