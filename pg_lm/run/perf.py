@@ -6,7 +6,7 @@ step for a 135M-parameter model on CPU. Keeping the memory mapped avoids that.
 Blocks over 32 MB (glibc's ceiling for the mmap threshold) are always ``mmap``-ed, so
 each step's (V, H) gradients and logits came back as fresh pages for the kernel to zero;
 ``M_MMAP_MAX = 0`` serves them from the heap too, where freed blocks are reused (no page
-faults; the update 13-29% faster, README "Speed notes"). The same effect as
+faults; the update 12-21% faster, README "Speed notes"). The same effect as
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` /
 ``MALLOC_MMAP_MAX_`` in the environment, applied with ``mallopt`` so users need not set
 them. Disable with ``PG_LM_MALLOC_TUNING=0``.
