@@ -92,4 +92,4 @@ def test_tune_malloc_reuses_freed_large_blocks():
 
     (applied, tuned), (off, untuned) = late_faults("1"), late_faults("0")
     assert (applied, off) == ("True", "False")
-    assert untuned > 20000 and tuned * 10 < untuned, (tuned, untuned)  # measured: ~0 vs ~400,000
+    assert untuned > 20000 and tuned * 20 < untuned, (tuned, untuned)  # measured: ~0 vs ~420,000-470,000
