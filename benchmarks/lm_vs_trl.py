@@ -62,13 +62,13 @@ SAME = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24, tempera
             warmup_steps=0, lr_schedule="constant", ppo_epochs=1, num_minibatches=1, loss_agg="token-mean", seed=0)
 ROWS = SAME["prompts_per_step"] * SAME["samples_per_prompt"]
 # process-level settings pg_lm applies to itself (pg_lm/__init__.py, pg_lm.run.perf.tune_malloc); TRL's process
-# gets the environment as the user had it (read before importing pg_lm, which sets THP_MEM_ALLOC_ENABLE), or
-# these with --trl-process-tuning
-_USER_ENV = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_",
-                                            "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")}
+# gets the environment as the user had it (THP read before importing pg_lm, which sets it; pg_lm sets no MALLOC_*
+# variable), or these with --trl-process-tuning
+_USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
 from pg_lm.run.perf import MALLOC_ENV  # noqa: E402
 
 PG_LM_TUNING = {"THP_MEM_ALLOC_ENABLE": "1", **MALLOC_ENV}
+_USER_ENV = {**{k: os.environ.get(k) for k in PG_LM_TUNING}, "THP_MEM_ALLOC_ENABLE": _USER_THP}
 
 
 @contextlib.contextmanager
