@@ -34,6 +34,9 @@ EQUAL = "ff"  # the prompt whose samples all score alike: a group with advantage
 # own generation (and in pg_lm's forward), which an absolute-position model sees; rotary ones do not.
 PROMPTS = {"llama": ["ab", "cde", EQUAL, "ghij"], "gpt2": ["ab", "cd", EQUAL, "gh"],
            "smollm2": ["What is 12 + 35?", "What is 48 + 21?", EQUAL, "What is 7 + 66?"]}
+# relative differences allowed (gradient at each step, weights after STEPS): fp32 rounding, which grows
+# over the steps with the model's size (measured: tiny models <= 6e-7 and 2e-5; SmolLM2 1.4e-4 at step 3)
+TOL = {"llama": (1e-5, 1e-4), "gpt2": (1e-5, 1e-4), "smollm2": (1e-3, 1e-3)}
 
 
 def reward(prompts, completions, **kw):
@@ -135,9 +138,9 @@ def test_same_samples_same_advantages_and_gradient_as_trl(model, request, tmp_pa
         assert set(trl_grads[step]) == set(pg_grads[step])
         g_pg, g_trl = _flat(pg_grads[step]), _flat(trl_grads[step])
         assert g_trl.norm() > 1e-3  # a real gradient, not two zeros
-        assert float((g_pg - g_trl).norm() / g_trl.norm()) < 1e-3, step  # fp32 rounding, grown over steps
+        assert float((g_pg - g_trl).norm() / g_trl.norm()) < TOL[model][0], step
     w_pg = {n.removeprefix("lm."): p.detach() for n, p in pg.policy.named_parameters()}
     w_trl = dict(trl.model.named_parameters())
     w0 = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
     moved_pg, moved_trl = (torch.cat([(w[k] - w0[k]).flatten() for k in sorted(w0)]) for w in (w_pg, w_trl))
-    assert moved_trl.norm() > 0 and float((moved_pg - moved_trl).norm() / moved_trl.norm()) < 1e-3
+    assert moved_trl.norm() > 0 and float((moved_pg - moved_trl).norm() / moved_trl.norm()) < TOL[model][1]
