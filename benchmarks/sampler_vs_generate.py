@@ -30,8 +30,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a LoRA adapter saved by the arithmetic recipe, merged in")
     args = p.parse_args()
     tune_malloc()
+    # lora_r > 0 only selects the adapter path: the rank itself is read from the saved adapter
     policy, tok = load_policy("smollm2-135m-instruct", lora_r=8 if args.checkpoint else 0, resume_dir=args.checkpoint)
-    lm = (policy.lm.merge_and_unload() if args.checkpoint else policy.lm).eval()  # r: read from the adapter
+    lm = (policy.lm.merge_and_unload() if args.checkpoint else policy.lm).eval()
     train, _ = arithmetic_datasets(100)
     prompts, answers = train["prompt"][:PROMPTS], train["answer"][:PROMPTS]
     eos = eos_token_ids(tok, lm)
