@@ -11,12 +11,16 @@ replaced by a function that copies every trainable parameter's gradient, so noth
 and each case sees the same weights. Rank 0 writes ``OUT_DIR/grads_<world>.pt``:
 ``{case: {param name: grad}}``. With ``--train`` it then runs one real training step with
 a held-out evaluation of 1 prompt (fewer prompts than processes) and writes
-``OUT_DIR/run/summary.json``.
+``OUT_DIR/run/summary.json``, and each rank writes the names of its threads after training to
+``OUT_DIR/threads_<rank>.json`` (Linux; ``null`` elsewhere): gloo's must be gone (``Trainer.end``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -125,11 +129,22 @@ def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
     if train:
         from datasets import Dataset
 
+        del tr  # the gradient trainers' DDP wrappers hold the process group: run.end() must be able to free it
+        gc.collect()
         run = make_trainer(model_dir, str(out / "run"), max_steps=1, eval_size=1, save_model=False,
                            max_new_tokens=4, eval_max_new_tokens=3)
         run.eval_ds = Dataset.from_dict({"prompt": ["x", "yy", "zzz"]})
         run.train()
+        (out / f"threads_{run.acc.process_index}.json").write_text(json.dumps(thread_names()))
     return grads
+
+
+def thread_names() -> list[str] | None:
+    """This process's native threads by name (Linux's /proc), None where that cannot be read."""
+    try:
+        return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ import time
 
 import torch
 
+if torch.distributed.is_available():
+    # Imported before any process group exists, on purpose: this module binds ``group.WORLD`` as the
+    # default argument of its functions when it is first imported, and DDP imports it (through
+    # torch.distributed._shard). Imported later, it would hold the process group for good, and
+    # Trainer.end() could not free it (see there).
+    import torch.distributed.nn.functional  # noqa: F401
+
 from pg_lm.run import RunWriter, to_dict
 from pg_lm.run.perf import tune_malloc
 
