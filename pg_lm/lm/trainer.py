@@ -338,8 +338,9 @@ class Trainer:
         gloo's worker threads then live into interpreter shutdown, and one that drops the last
         reference to a just-finished collective's tensor needs the GIL there, which aborts the
         process (SIGABRT, "terminate called without an active exception"; 8 of 112 two-process
-        runs of tests/dist_grad_worker.py here, 0 of 45 with this). So the DDP wrapper goes first (``self.policy`` becomes the plain model); the group's
-        destructor then waits for its workers. ``train`` calls this at its end."""
+        runs of tests/dist_grad_worker.py here, 0 of 45 with this). So the DDP wrapper goes first
+        (``self.policy`` becomes the plain model); the group's destructor then waits for its
+        workers. ``train`` calls this at its end."""
         acc = self.acc
         if acc.num_processes > 1:
             self.policy = acc.unwrap_model(self.policy)
