@@ -87,6 +87,54 @@ def build_trl(prompts: list[str], answers: list[str], args: dict, callbacks=()):
     return trainer
 
 
+def crn_seed(seed: int, step: int) -> int:
+    """The seed both libraries' samplers start step ``step`` of run ``seed`` from (coupled runs)."""
+    return 1_000_003 * (seed + 1) + step
+
+
+def draw_by_multinomial(probs):
+    """(B, V) probabilities -> (B,) tokens by ``torch.multinomial``, as ``model.generate`` draws:
+    the same distribution as pg_lm's inverse-CDF :func:`pg_lm.lm.sampling.draw`, but from an
+    exponential per vocabulary entry (the largest p / E wins), so a tiny change in ``probs``
+    changes the token only where two entries nearly tie. Inverse CDF on one uniform is not
+    robust so: a ~1e-6 shift of the cumulative sum moves the pick across runs of tail tokens."""
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+def couple_pg_lm(seed: int, record: list) -> None:
+    """pg_lm's trainers: each rollout's sampling starts from ``crn_seed(seed, step)`` and draws
+    with :func:`draw_by_multinomial`; its completion token ids (through EOS, per row) are
+    appended to ``record``."""
+    import pg_lm.lm.sampling as sampling
+    import pg_lm.lm.trainer as trainer_module
+
+    inner = trainer_module.sample
+    sampling.draw = draw_by_multinomial
+
+    def coupled(*a, **kw):
+        torch.manual_seed(crn_seed(seed, len(record)))
+        batch = inner(*a, **kw)
+        record.append([row[:n] for row, n in zip(batch.completion_ids.tolist(), batch.lengths.tolist())])
+        return batch
+
+    trainer_module.sample = coupled
+
+
+def couple_trl(trainer, seed: int, record: list) -> None:
+    """TRL's ``trainer``: each ``_generate`` starts from ``crn_seed(seed, step)``; its completion
+    token ids are appended to ``record``. TRL itself is unchanged."""
+    inner = trainer._generate
+
+    @functools.wraps(inner)
+    def coupled(prompts):
+        torch.manual_seed(crn_seed(seed, len(record)))
+        out = inner(prompts)
+        record.append([list(ids) for ids in out[1]])  # (prompt_ids, completion_ids, ...)
+        return out
+
+    trainer._generate = coupled
+
+
 class CallTimer:
     """Wraps ``obj.name`` (an instance attribute) to add the seconds spent in it to ``total``."""
 

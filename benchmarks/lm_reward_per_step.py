@@ -12,7 +12,17 @@ counted. Reported: each library's mean reward per step over all seeds and steps 
 standard error over seeds, and the per-seed paired difference. Nothing is timed here, so
 the machine need not be idle.
 
+``--coupled`` runs the two on common random numbers: before each step's sampling both reset
+torch's generator to the same seed, and pg_lm's sampler draws each token with
+``torch.multinomial`` as TRL's ``model.generate`` does (``_lm_setup.draw_by_multinomial``)
+instead of its own inverse CDF -- the same distribution, so neither library samples
+differently from an uncoupled run, but while the two models agree they draw the same
+completions. TRL is unchanged. Each step records whether the two libraries' completions
+were identical token for token (``same_completions``); the paired difference then loses
+most of the sampling noise.
+
     python benchmarks/lm_reward_per_step.py --seeds 0 1 2 3 4 5 --steps 12 --output runs/bench/lm_reward_per_step.json
+    python benchmarks/lm_reward_per_step.py --coupled --seeds 0 1 2 3 --steps 12 --output runs/bench/lm_reward_per_step_coupled.json
 """
 
 from __future__ import annotations
@@ -31,24 +41,29 @@ import lm_vs_trl as B  # noqa: E402
 from _common import machine_info, write_json  # noqa: E402
 
 
-def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str) -> None:
+def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str, coupled: bool = False) -> None:
     """``lr`` None: only the prompts of ``steps`` steps are wanted, nothing is trained."""
     import pg_lm  # noqa: F401  before torch, as a user script would
 
-    from _lm_setup import build_pg_lm, pg_lm_step_prompts
+    from _lm_setup import build_pg_lm, couple_pg_lm, pg_lm_step_prompts
+
+    completions = []
+    if coupled:
+        couple_pg_lm(seed, completions)
 
     args = B.parse_args(["--trl-bf16", "false"])
     trainer = build_pg_lm({**B.pg_lm_overrides(args, steps, False), "seed": seed, "lr": lr or B.SAME["lr"]},
                           output_dir)
     prompts, answers = pg_lm_step_prompts(trainer, steps)
     rewards = [trainer.train_step()["reward/mean"] for _ in range(steps if lr is not None else 0)]
-    conn.send(dict(prompts=prompts, answers=answers, rewards=rewards))
+    conn.send(dict(prompts=prompts, answers=answers, rewards=rewards, completions=completions))
 
 
-def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output_dir: str) -> None:
+def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output_dir: str,
+                coupled: bool = False) -> None:
     from transformers import TrainerCallback
 
-    from _lm_setup import build_trl
+    from _lm_setup import build_trl, couple_trl
 
     rewards = []
 
@@ -59,8 +74,11 @@ def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output
 
     kw = {**B.trl_config(False, steps, output_dir), "seed": seed, "learning_rate": lr}
     trainer = build_trl(prompts, answers, kw, callbacks=[Log()])
+    completions = []
+    if coupled:
+        couple_trl(trainer, seed, completions)
     trainer.train()
-    conn.send(dict(rewards=rewards))
+    conn.send(dict(rewards=rewards, completions=completions))
 
 
 def _run(ctx, target, *args) -> dict:
@@ -106,8 +124,22 @@ def summarize(runs: list[dict], config: dict) -> dict:
                  f" tied {result['seeds_tied']} (sign test p {result['sign_test_p']:.2f})")
         correct = {lib: sum(round(x * B.ROWS) for r in runs for x in r[lib]) for lib in libraries}
         line += f"; correct samples {correct['pg_lm']} vs {correct['trl']} of {B.ROWS * config['steps'] * len(runs)}"
+    if runs and all("same_completions" in r for r in runs):
+        result.update(coupling(runs))
+        line += (f"; coupled: identical completions in {result['coupled_steps_identical']} of"
+                 f" {result['coupled_steps']} steps, {result['coupled_seeds_identical_throughout']} of"
+                 f" {len(runs)} seeds identical throughout")
     result["summary"] = line
     return result
+
+
+def coupling(runs: list[dict]) -> dict:
+    """For coupled runs: in how many steps the two libraries' completions were identical token for
+    token, how many seeds stayed identical throughout, and each seed's first step that differed."""
+    same = [r["same_completions"] for r in runs]
+    return dict(coupled_steps=sum(map(len, same)), coupled_steps_identical=sum(map(sum, same)),
+                coupled_seeds_identical_throughout=sum(all(s) for s in same),
+                coupled_first_differing_step=[next((i for i, x in enumerate(s) if not x), None) for s in same])
 
 
 def pool(paths: list[str]) -> dict:
@@ -133,6 +165,8 @@ def main(argv=None) -> int:
                    help="learning rate for both (0: no learning, the samplers alone)")
     p.add_argument("--libraries", nargs="+", choices=("pg_lm", "trl"), default=["pg_lm", "trl"],
                    help="which to run (pg_lm always runs to fix the prompts; its rewards are dropped if not listed)")
+    p.add_argument("--coupled", action="store_true",
+                   help="common random numbers: both libraries sample each step from the same uniforms")
     p.add_argument("--pool", nargs="+", metavar="JSON", default=None,
                    help="train nothing: summarise the runs of these earlier outputs together")
     p.add_argument("--output", default="runs/bench/lm_reward_per_step.json")
@@ -141,6 +175,8 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 1")
     if args.lr < 0 or (args.lr == 0 and "pg_lm" in args.libraries):
         p.error("--lr must be > 0 for pg_lm (it rejects lr 0); for lr 0 run --libraries trl")
+    if args.coupled and args.libraries != ["pg_lm", "trl"]:
+        p.error("--coupled compares the two libraries: run both (the default --libraries)")
     if args.pool:
         result = pool(args.pool)
     else:
@@ -148,15 +184,21 @@ def main(argv=None) -> int:
         runs = []
         for seed in args.seeds:
             pg_lr = args.lr if "pg_lm" in args.libraries else None  # else pg_lm only fixes the prompts
-            run = dict(seed=seed, pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}"))
+            out = dict(pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}", args.coupled))
             if "trl" in args.libraries:
-                run["trl"] = _run(ctx, trl_rewards, run["pg_lm"]["prompts"], run["pg_lm"]["answers"], seed,
-                                  args.steps, args.lr, f"{tmp}/trl_{seed}")
-            run = {"seed": seed, **{lib: run[lib]["rewards"] for lib in args.libraries}}
+                out["trl"] = _run(ctx, trl_rewards, out["pg_lm"]["prompts"], out["pg_lm"]["answers"], seed,
+                                  args.steps, args.lr, f"{tmp}/trl_{seed}", args.coupled)
+            run = {"seed": seed, **{lib: out[lib]["rewards"] for lib in args.libraries}}
+            if args.coupled:
+                run["same_completions"] = [a == b for a, b in zip(out["pg_lm"]["completions"], out["trl"]["completions"],
+                                                                  strict=True)]
             runs.append(run)
             print(f"seed {seed}: correct per step " + "  ".join(
-                f"{lib} {[round(r * B.ROWS) for r in run[lib]]}" for lib in args.libraries), flush=True)
-        result = summarize(runs, dict(B.SAME, lr=args.lr, steps=args.steps))
+                f"{lib} {[round(r * B.ROWS) for r in run[lib]]}" for lib in args.libraries)
+                + (f"  identical completions {[int(x) for x in run['same_completions']]}" if args.coupled else ""),
+                flush=True)
+        config = dict(B.SAME, lr=args.lr, steps=args.steps, **({"coupled": True} if args.coupled else {}))
+        result = summarize(runs, config)
     print(result["summary"])
     write_json(args.output, result)
     return 0

@@ -118,8 +118,14 @@ def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k:
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    # inverse-CDF sampling: one uniform per row (multinomial draws an exponential per vocab entry)
-    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    return draw(logits.softmax(-1))
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One token per row of (B, V) probabilities -> (B,), by inverse-CDF sampling: one
+    ``torch.rand`` uniform per row from the global generator (``torch.multinomial`` draws an
+    exponential per vocabulary entry, which costs more at this vocabulary size)."""
+    cdf = probs.cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
