@@ -82,14 +82,22 @@ class Policy(nn.Module):
         B, T = completion_ids.shape
         p_ids, p_mask = prompt_ids[::G, :-1], prompt_mask[::G, :-1]  # (N, P - 1); left padding: the last column is real
         # logits_to_keep=1: the prompt's own logits are not used (no gradient flows through them), keep them tiny
-        cache = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True,
-                        logits_to_keep=1).past_key_values
+        kw, cache = kv_cache(self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask),
+                                     use_cache=True, logits_to_keep=1))
         cache.batch_repeat_interleave(G)  # differentiable: gradients flow back to the prompt
         am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)[:, :-1]  # (B, P + T - 1)
         ids = torch.cat([prompt_ids[:, -1:], completion_ids[:, :-1]], 1)  # (B, T): position t predicts token t
-        out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am)[:, -T:], past_key_values=cache,
+        out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am)[:, -T:], **{kw: cache},
                       use_cache=True, output_hidden_states=want_h)
         return out.logits, out.hidden_states[-1] if want_h else None  # (B, T, V), (B, T, H)
+
+
+def kv_cache(out) -> tuple[str, object]:
+    """(the forward's keyword for a KV cache, the cache) from a forward's output. transformers 5.x
+    names both ``cache`` (``past_key_values`` is deprecated there, with a warning on every call);
+    4.x knows only ``past_key_values``."""
+    name = "cache" if "cache" in getattr(type(out), "__dataclass_fields__", {}) else "past_key_values"
+    return name, getattr(out, name)
 
 
 def positions(attention_mask: Tensor) -> Tensor:

@@ -139,11 +139,11 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     Each prompt is encoded once; its KV cache is repeated for its G samples. Rows that
     have emitted EOS are filled with ``pad_id``; decoding stops when every row has.
     """
-    from .policy import positions
+    from .policy import kv_cache, positions
 
     pos = positions(prompt_mask)  # (N, P)
     out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    kw, cache = kv_cache(out)
     cache.batch_repeat_interleave(num_samples)
     logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
     am = prompt_mask.repeat_interleave(num_samples, 0)  # (B, P + t)
@@ -158,7 +158,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-        out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, use_cache=True, **{kw: cache})
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return torch.stack(tokens, 1)  # (B, T)
