@@ -22,3 +22,11 @@ def test_sign_test_counts_and_exact_p():
     assert sign_test([1, 1, 1, -1])["sign_test_p"] == sign_test([-1, -1, -1, 1])["sign_test_p"] == pytest.approx(10 / 16)
     assert sign_test([1, -1, 2, -2])["sign_test_p"] == 1.0
     assert sign_test([0.0, 0.0])["sign_test_p"] == 1.0
+
+
+def test_coupling_counts_identical_steps_and_first_divergence():
+    runs = [dict(same_completions=[True, True, True]), dict(same_completions=[True, False, True]),
+            dict(same_completions=[False, False, False])]
+    assert lm_reward_per_step.coupling(runs) == dict(
+        coupled_steps=9, coupled_steps_identical=5, coupled_seeds_identical_throughout=1,
+        coupled_first_differing_step=[None, 1, 0])
