@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--libraries", nargs="+", choices=("pg_lm", "trl"), default=["pg_lm", "trl"],
                    help="which to run (pg_lm always runs to fix the prompts; its rewards are dropped if not listed)")
     p.add_argument("--coupled", action="store_true",
-                   help="common random numbers: both libraries sample each step from the same uniforms")
+                   help="common random numbers: both reseeded before each step's sampling, pg_lm drawing by "
+                        "torch.multinomial as model.generate does")
     p.add_argument("--pool", nargs="+", metavar="JSON", default=None,
                    help="train nothing: summarise the runs of these earlier outputs together")
     p.add_argument("--output", default="runs/bench/lm_reward_per_step.json")

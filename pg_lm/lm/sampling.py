@@ -123,8 +123,8 @@ def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k:
 
 def draw(probs: Tensor) -> Tensor:
     """One token per row of (B, V) probabilities -> (B,), by inverse-CDF sampling: one
-    ``torch.rand`` uniform per row from the global generator (``torch.multinomial`` draws an
-    exponential per vocabulary entry, which costs more at this vocabulary size)."""
+    ``torch.rand`` uniform per row from the global generator. ``torch.multinomial`` draws an
+    exponential per vocabulary entry: 18.3 ms against ~1 ms here for (16, 49152), README "Speed notes"."""
     cdf = probs.cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
