@@ -82,7 +82,7 @@ def make_trainer(model_dir: str, output_dir: str, **kw):
     from pg_lm.lm.trainer import Trainer
 
     kw = {"prompts_per_step": 4, "samples_per_prompt": G, "max_new_tokens": T, "max_grad_norm": None, "lr": 1e-3,
-          "progress": False, **kw}
+          "progress": False, "mixed_precision": "no", **kw}  # fp32: auto picks bf16 on some CPUs
     cfg = LMConfig(model=model_dir, output_dir=output_dir, **kw)
     return Trainer(cfg, [lambda prompts, completions, **_: [0.0] * len(completions)],
                    Dataset.from_dict({"prompt": ["a", "bb", "ccc", "dddd"]}))

@@ -69,8 +69,14 @@ class LMConfig:
     lora_dropout: float = arg(0.0, "LoRA dropout")
     lora_target_modules: list[str] = arg(["all-linear"], "LoRA target modules (names, or all-linear)")
     mixed_precision: str = arg("auto", "Accelerate mixed precision (fp32 master weights, fp32 log-softmax); auto = "
-                               "bf16 where the hardware has fast bf16 matmuls (CUDA, or a CPU with AMX), else no",
+                               "bf16 where bf16 matmuls are fast (a CUDA GPU with bf16; on a CPU, a matmul timed in "
+                               "both precisions at start-up), else no",
                                ("auto", "no", "bf16", "fp16"))
+    attention: str = arg("auto", "attention kernel: grouped = pg_lm's grouped-query matmul attention (fp32 softmax); "
+                         "model = the model's own (SDPA); auto = grouped on a CPU in bf16/fp16, where SDPA is 3-4x "
+                         "slower, else model", ("auto", "grouped", "model"))
+    sampler_copy: bool = arg(True, "in bf16/fp16, sample from a bf16/fp16 copy of the weights refreshed after every "
+                             "update (+2 bytes per parameter) instead of under autocast")
     # evaluation, logging, checkpoints
     eval_every: int = arg(0, "greedy held-out evaluation every N steps (0 = only before and after)")
     eval_size: int = arg(100, "held-out prompts evaluated")

@@ -109,7 +109,7 @@ def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k:
     """Next token per row from (B, V) logits: argmax, or a sample after temperature / top-k / top-p."""
     if greedy:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, -1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -24,6 +24,7 @@ from pg_lm.run import RunWriter, to_dict
 from pg_lm.run.perf import tune_malloc
 
 from .checkpoint import checkpoint_dir, load_trainer_state, recover_checkpoint, trim_logs
+from .lowp import SamplerCopy, cpu_bf16_is_fast, use_grouped_attention
 from .policy import load_policy
 
 
@@ -38,14 +39,21 @@ def make_accelerator(cfg):
 
 
 def resolve_precision(mode: str) -> str:
-    """``auto`` -> ``bf16`` only where bf16 matmuls are fast: a CUDA GPU with bf16, or a CPU with
-    AMX tiles. Measured on an AVX512-BF16 CPU without AMX, bf16 matmuls ran at half fp32 speed."""
+    """``auto`` -> ``bf16`` only where bf16 matmuls are fast: a CUDA GPU with bf16, or a CPU where
+    a bf16 matmul, timed at start-up, takes under 0.6 of the fp32 one (``lowp.cpu_bf16_is_fast``:
+    4-5x faster on an AMD EPYC with AVX512-BF16; half as fast on an Intel Xeon with AVX512-BF16
+    but no AMX)."""
     if mode != "auto":
         return mode
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bf16" if amx() else "no"
+    return "bf16" if cpu_bf16_is_fast() else "no"
+
+
+def resolve_attention(mode: str, mixed_precision: str, device) -> bool:
+    """Whether to run :func:`lowp.grouped_attention`: ``grouped``, or ``auto`` on a CPU in bf16/fp16."""
+    return mode == "grouped" or (mode == "auto" and torch.device(device).type == "cpu"
+                                 and mixed_precision in ("bf16", "fp16"))
 
 
 def _optimizer(params, cfg):
@@ -89,6 +97,7 @@ def build(trainer) -> None:
         lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
         resume_dir=str(resume) if resume else None,
     )
+    grouped = resolve_attention(cfg.attention, acc.mixed_precision, acc.device) and use_grouped_attention(policy.lm)
     trainer.ref = None
     if (cfg.kl_coef > 0) and cfg.lora_r == 0:  # LoRA uses the base with the adapter disabled instead
         # the reference is the model the run started from: a resumed policy is not it
@@ -106,11 +115,15 @@ def build(trainer) -> None:
         load_trainer_state(trainer, resume)
         if acc.is_main_process:  # rows logged after the checkpoint describe steps that are redone now
             trim_logs(cfg.output_dir, trainer.step)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+    # made after the weights are final (resumed): sampling and evaluation read it (Trainer.sampling_lm)
+    trainer.sampler = SamplerCopy(acc.unwrap_model(trainer.policy).lm, low) if low and cfg.sampler_copy else None
     trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
                                trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
     if cfg.report_to != "none":
         acc.init_trackers("pg_lm", config={k: str(v) for k, v in to_dict(cfg).items()})
     trainer.writer.write_json("config.json", {**to_dict(cfg), "num_processes": acc.num_processes,
-                                              "resolved_mixed_precision": acc.mixed_precision})
+                                              "resolved_mixed_precision": acc.mixed_precision,
+                                              "resolved_attention": "grouped" if grouped else "model"})
     t0 = time.perf_counter()
     trainer.elapsed = lambda: time.perf_counter() - t0 + trainer.prior_wall_s

@@ -92,13 +92,20 @@ class Trainer:
         with self.acc.unwrap_model(self.policy).lm.disable_adapter():  # LoRA: the base is the reference
             return self._forward(batch, grad=False)[0]
 
+    def sampling_lm(self):
+        """(the causal LM to sample from, the context to sample in): the bf16/fp16 copy with no
+        autocast (``cfg.sampler_copy``), else the policy's own LM under autocast."""
+        if self.sampler is not None:
+            return self.sampler.lm, nullcontext()
+        return self.acc.unwrap_model(self.policy).lm, self.acc.autocast()
+
     def rollout(self) -> tuple[Rollout, dict]:
         cfg = self.cfg
         prompts, cols = self._prompts(self.step)
-        lm = self.acc.unwrap_model(self.policy).lm
+        lm, ctx = self.sampling_lm()
         t0 = time.perf_counter()
         self.policy.eval()
-        with self.acc.autocast():
+        with ctx:
             batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
                            max_prompt_length=cfg.max_prompt_length)
@@ -234,6 +241,8 @@ class Trainer:
                 self.opt.step()
                 # None, not zeros: the next backward then writes each gradient instead of adding it to zeros
                 self.opt.zero_grad(set_to_none=True)
+                if self.sampler is not None:
+                    self.sampler.refresh()
         totals.setdefault("loss/policy", 0.0)  # every row skipped: each had advantage 0, so the loss is 0
         totals["perf/trained_frac"] = trained / (B * cfg.ppo_epochs)
         return totals

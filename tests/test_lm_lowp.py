@@ -1,0 +1,150 @@
+"""Low precision on the CPU (pg_lm/lm/lowp.py): the grouped attention kernel gives SDPA's numbers
+(forward, gradients, sampling), the sampling copy is the learner's weights in bf16 after every
+update, and ``auto`` picks bf16 / the kernel as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_fixtures import PROMPTS as TRAIN_PROMPTS
+from lm_fixtures import make_trainer, prompt_dataset, snapshot
+from pg_lm.lm import lowp, setup
+from pg_lm.lm.policy import load_policy
+from pg_lm.lm.sampling import encode_prompts, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.fresh_accelerator resets Accelerate per test
+
+PROMPTS = ["What is 1 + 1?", "hi", "abcdefghijklmnopqrstuvwxyz", "7"]  # different lengths: left padding
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def model_dir(request):
+    """The tiny Llama (grouped-query attention: 4 query heads over 2 K/V heads) and GPT-2 (tied, MHA)."""
+    return request.getfixturevalue("tiny_lm_dir" if request.param == "llama" else "tiny_gpt2_dir")
+
+
+def _batch(tok, G=3, T=7, seed=0):
+    ids, am = encode_prompts(tok, PROMPTS[:3], True, None)
+    ids, am = ids.repeat_interleave(G, 0), am.repeat_interleave(G, 0)
+    g = torch.Generator().manual_seed(seed)
+    comp = torch.randint(4, len(tok), (ids.shape[0], T), generator=g)
+    lengths = torch.randint(1, T + 1, (ids.shape[0],), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    return ids, am, comp, mask
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_grouped_attention_matches_sdpa_forward_and_gradients(model_dir, group_size):
+    """The same log-probs and parameter gradients as the model's SDPA, in fp32, with left padding,
+    on full rows (group_size 1) and on the shared-prompt path (KV cache with gradient, group_size 3)."""
+    results = []
+    for grouped in (False, True):
+        policy, tok = load_policy(model_dir)
+        assert policy.lm.config._attn_implementation == "sdpa"
+        if grouped:
+            assert lowp.use_grouped_attention(policy.lm)
+            assert policy.lm.config._attn_implementation == lowp.ATTENTION_NAME
+        ids, am, comp, mask = _batch(tok)
+        logp, _, _ = policy(ids, am, comp, mask, group_size=group_size)
+        (logp * mask).sum().backward()
+        results.append((logp.detach() * mask, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    (lp_sdpa, g_sdpa), (lp_grouped, g_grouped) = results
+    torch.testing.assert_close(lp_grouped, lp_sdpa, atol=1e-5, rtol=1e-5)
+    for n in g_sdpa:
+        torch.testing.assert_close(g_grouped[n], g_sdpa[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_grouped_attention_decodes_what_sdpa_decodes(model_dir):
+    """Greedy decoding from left-padded prompts with a KV cache (one-token queries): the same tokens."""
+    outs = []
+    for grouped in (False, True):
+        policy, tok = load_policy(model_dir)
+        if grouped:
+            lowp.use_grouped_attention(policy.lm)
+        ids, am = encode_prompts(tok, PROMPTS, True, None)
+        outs.append(generate(policy.lm, ids, am, 2, 12, [tok.eos_token_id], tok.pad_token_id, greedy=True))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_grouped_attention_against_a_plain_loop():
+    """Each (row, head, query) by hand: softmax over the keys it may see, K/V head h // G; a boolean
+    mask, an additive mask and None (causal) agree with it."""
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, Tq, L, D = 2, 6, 2, 3, 5, 4
+    q, k, v = (torch.randn(B, n, t, D, generator=g) for n, t in ((H, Tq), (KV, L), (KV, L)))
+    allowed = torch.ones(B, 1, Tq, L, dtype=torch.bool).tril(L - Tq)
+    allowed[0, :, :, 0] = False  # row 0: its first key is left padding
+    want = torch.zeros(B, Tq, H, D)
+    for b in range(B):
+        for h in range(H):
+            for t in range(Tq):
+                keep = allowed[b, 0, t]
+                w = torch.softmax(k[b, h // (H // KV)][keep] @ q[b, h, t] * 0.5, 0)
+                want[b, t, h] = w @ v[b, h // (H // KV)][keep]
+    module = torch.nn.Module()
+    got, _ = lowp.grouped_attention(module, q, k, v, allowed, scaling=0.5)
+    torch.testing.assert_close(got, want)
+    additive = torch.zeros(B, 1, Tq, L).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(lowp.grouped_attention(module, q, k, v, additive, scaling=0.5)[0], want)
+    torch.testing.assert_close(lowp.grouped_attention(module, q[1:], k[1:], v[1:], None, scaling=0.5)[0], want[1:])
+
+
+def test_sampler_copy_is_the_learner_in_bf16_after_every_update(tiny_lm_dir, tmp_path):
+    """bf16 mixed precision: the trainer samples from a bf16 copy whose parameters equal the fp32
+    learner's, rounded, after each optimizer step; buffers (rotary frequencies) stay fp32."""
+    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", max_steps=2, lr=1e-2,
+                      train_dataset=prompt_dataset(TRAIN_PROMPTS))
+    assert tr.sampler is not None and tr.sampling_lm()[0] is tr.sampler.lm
+    lm = tr.acc.unwrap_model(tr.policy).lm
+    before = snapshot(tr.sampler.lm)
+    for _ in range(2):
+        tr.train_step()
+        for (name, p), s in zip(lm.named_parameters(), tr.sampler.lm.parameters()):
+            assert s.dtype == torch.bfloat16 and not s.requires_grad
+            assert torch.equal(s, p.detach().to(torch.bfloat16)), name
+    assert any(not torch.equal(before[n], p) for n, p in tr.sampler.lm.named_parameters())  # it did move
+    for (name, b), b_src in zip(tr.sampler.lm.named_buffers(), lm.named_buffers()):
+        assert b.dtype == b_src[1].dtype, name
+    assert (tmp_path / "config.json").read_text().count('"resolved_attention": "grouped"') == 1
+
+
+def test_sampler_copy_under_lora_refreshes_the_adapter_only(tiny_lm_dir, tmp_path):
+    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", lora_r=4, lr=1e-2)
+    names = [n for n, p in tr.acc.unwrap_model(tr.policy).lm.named_parameters() if p.requires_grad]
+    assert len(tr.sampler.pairs) == len(names) > 0 and all("lora_" in n for n in names)
+    base_before = {n: p.clone() for n, p in tr.sampler.lm.named_parameters() if "lora_" not in n}
+    tr.train_step()
+    lm = tr.acc.unwrap_model(tr.policy).lm
+    for (n, p), s in zip(lm.named_parameters(), tr.sampler.lm.parameters()):
+        assert torch.equal(s, p.detach().to(torch.bfloat16)), n
+        if n in base_before:
+            assert torch.equal(s, base_before[n]), n
+
+
+def test_no_copy_in_fp32_or_when_turned_off(tiny_lm_dir, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    tr = make_trainer(tiny_lm_dir, tmp_path / "a", mixed_precision="no")
+    assert tr.sampler is None and tr.sampling_lm()[0] is tr.acc.unwrap_model(tr.policy).lm
+    assert tr.acc.unwrap_model(tr.policy).lm.config._attn_implementation == "sdpa"
+    AcceleratorState._reset_state(True)
+    tr = make_trainer(tiny_lm_dir, tmp_path / "b", mixed_precision="bf16", sampler_copy=False, attention="model")
+    assert tr.sampler is None and tr.acc.unwrap_model(tr.policy).lm.config._attn_implementation == "sdpa"
+    tr.train_step()  # samples under autocast instead
+
+
+def test_auto_precision_follows_the_timed_probe(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for fast, want in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(setup, "cpu_bf16_is_fast", lambda fast=fast: fast)
+        assert setup.resolve_precision("auto") == want
+    for mode in ("no", "bf16", "fp16"):
+        assert setup.resolve_precision(mode) == mode
+    assert lowp.cpu_bf16_is_fast() in (True, False)
+
+
+def test_auto_attention_is_grouped_on_cpu_in_low_precision_only():
+    assert setup.resolve_attention("auto", "bf16", "cpu") and setup.resolve_attention("auto", "fp16", "cpu")
+    assert not setup.resolve_attention("auto", "no", "cpu") and not setup.resolve_attention("auto", "bf16", "cuda")
+    assert setup.resolve_attention("grouped", "no", "cuda") and not setup.resolve_attention("model", "bf16", "cpu")
