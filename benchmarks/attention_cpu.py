@@ -2,8 +2,9 @@
 
 The shapes are SmolLM2-135M's (9 query heads over 3 K/V heads, head size 64) at the arithmetic
 task's batch (16 rows): one decode step (1 query against L keys) and the training forward of
-24 completion tokens against their prompt (forward + backward). SDPA gets what transformers
-gives it (K/V repeated per query head, a boolean mask); times are per call, best of 3 rounds.
+24 completion tokens against their prompt (forward + backward). SDPA runs through
+transformers' own ``sdpa_attention_forward`` (which packs or repeats the query/K/V heads as the
+model would), with the boolean mask transformers builds; times are per call, best of 3 rounds.
 
     python benchmarks/attention_cpu.py
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from pg_lm.lm.lowp import grouped_attention  # noqa: E402
 
@@ -43,10 +45,10 @@ def case(dtype, Tq: int, L: int, backward: bool) -> tuple[float, float]:
     mask = torch.ones(B, 1, Tq, L, dtype=torch.bool).tril(L - Tq)
     mask[:, :, :, :5] = False  # left padding
     module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = H // KV, True
 
-    def sdpa():
-        o = F.scaled_dot_product_attention(q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1),
-                                           attn_mask=mask, scale=D ** -0.5)
+    def sdpa():  # transformers' own SDPA path, as the model calls it
+        o, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
         if backward:
             o.sum().backward()
 

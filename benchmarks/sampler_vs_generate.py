@@ -8,6 +8,11 @@ sampling noise (~0.4 percentage points at these rates).
 
     python benchmarks/sampler_vs_generate.py
     python benchmarks/sampler_vs_generate.py --checkpoint runs/arithmetic/checkpoint-last  # a trained LoRA adapter
+    python benchmarks/sampler_vs_generate.py --checkpoint runs/arithmetic/checkpoint-last --pg-lm-bf16-copy
+
+``--pg-lm-bf16-copy``: pg_lm samples as its trainer does in bf16 (a bf16 copy of the weights,
+the grouped attention kernel, no autocast) while ``generate`` keeps the fp32 model: does
+sampling in bf16 change the success rate?
 
 Untrained, ~2% of samples are correct, so only large differences would show; a trained
 checkpoint (``make demo`` leaves one) puts the success rate where the test has power.
@@ -28,11 +33,18 @@ PROMPTS, G, PER_CALL, NEW_TOKENS = 64, 16, 4, 24
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a LoRA adapter saved by the arithmetic recipe, merged in")
+    p.add_argument("--pg-lm-bf16-copy", action="store_true", help="pg_lm samples from a bf16 copy (its bf16 path)")
     args = p.parse_args()
     tune_malloc()
     # lora_r > 0 only selects the adapter path: the rank itself is read from the saved adapter
     policy, tok = load_policy("smollm2-135m-instruct", lora_r=8 if args.checkpoint else 0, resume_dir=args.checkpoint)
     lm = (policy.lm.merge_and_unload() if args.checkpoint else policy.lm).eval()
+    ours_lm = lm
+    if args.pg_lm_bf16_copy:
+        from pg_lm.lm.lowp import SamplerCopy, use_grouped_attention
+
+        ours_lm = SamplerCopy(lm, torch.bfloat16).lm
+        assert use_grouped_attention(ours_lm)
     train, _ = arithmetic_datasets(100)
     prompts, answers = train["prompt"][:PROMPTS], train["answer"][:PROMPTS]
     eos = eos_token_ids(tok, lm)
@@ -41,7 +53,7 @@ def main() -> None:
     for i in range(0, PROMPTS, PER_CALL):
         ps, ans = prompts[i : i + PER_CALL], answers[i : i + PER_CALL]
         rep = [a for a in ans for _ in range(G)]
-        b = sample(lm, tok, ps, {"answer": ans}, G, NEW_TOKENS)
+        b = sample(ours_lm, tok, ps, {"answer": ans}, G, NEW_TOKENS)
         ours += exact_match(b.prompts, b.completions, b.columns["answer"])
         ids, am = encode_prompts(tok, ps, True, None)
         with torch.no_grad():
@@ -51,7 +63,7 @@ def main() -> None:
         mask, _ = completion_mask_from_ids(comp, eos)
         texts = [tok.decode(r[: int(n)], skip_special_tokens=True) for r, n in zip(comp, mask.sum(1))]
         hf += exact_match(None, texts, rep)
-    print(f"correct: pg_lm sample {sum(ours) / len(ours):.4f}, generate {sum(hf) / len(hf):.4f} ({len(ours)} samples each)")
+    print(f"correct: pg_lm sample{' (bf16 copy)' if args.pg_lm_bf16_copy else ''} {sum(ours) / len(ours):.4f}, generate {sum(hf) / len(hf):.4f} ({len(ours)} samples each)")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ class LMConfig:
                                "both precisions at start-up), else no",
                                ("auto", "no", "bf16", "fp16"))
     attention: str = arg("auto", "attention kernel: grouped = pg_lm's grouped-query matmul attention (fp32 softmax); "
-                         "model = the model's own (SDPA); auto = grouped on a CPU in bf16/fp16, where SDPA is 3-4x "
-                         "slower, else model", ("auto", "grouped", "model"))
+                         "model = the model's own (SDPA); auto = grouped on a CPU in bf16/fp16, where SDPA's training "
+                         "forward+backward is ~3.6x slower, else model", ("auto", "grouped", "model"))
     sampler_copy: bool = arg(True, "in bf16/fp16, sample from a bf16/fp16 copy of the weights refreshed after every "
                              "update (+2 bytes per parameter) instead of under autocast")
     # evaluation, logging, checkpoints
