@@ -90,11 +90,13 @@ def test_grouped_attention_against_a_plain_loop():
     torch.testing.assert_close(lowp.grouped_attention(module, q[1:], k[1:], v[1:], None, scaling=0.5)[0], want[1:])
 
 
-def test_sampler_copy_is_the_learner_in_bf16_after_every_update(tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+def test_sampler_copy_is_the_learner_in_bf16_after_every_update(tiny_lm_dir, tmp_path, ppo_epochs):
     """bf16 mixed precision: the trainer samples from a bf16 copy whose parameters equal the fp32
-    learner's, rounded, after each optimizer step; buffers (rotary frequencies) stay fp32."""
+    learner's, rounded, after each update (also one of several optimizer steps); buffers
+    (rotary frequencies) stay fp32."""
     tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", max_steps=2, lr=1e-2,
-                      train_dataset=prompt_dataset(TRAIN_PROMPTS))
+                      train_dataset=prompt_dataset(TRAIN_PROMPTS), ppo_epochs=ppo_epochs)
     assert tr.sampler is not None and tr.sampling_lm()[0] is tr.sampler.lm
     lm = tr.acc.unwrap_model(tr.policy).lm
     before = snapshot(tr.sampler.lm)

@@ -10,7 +10,7 @@
   (``benchmarks/attention_cpu.py``).
   Registered with transformers' ``AttentionInterface`` as ``"pg_lm_grouped"``.
 * :class:`SamplerCopy`: the policy's LM with its parameters in bf16 / fp16 (buffers, such as
-  rotary frequencies, stay fp32), refreshed after each optimizer step. Sampling from it runs
+  rotary frequencies, stay fp32), refreshed at the end of each update. Sampling from it runs
   pure low-precision matmuls instead of autocast's casts of every activation (and, under
   LoRA, of every frozen weight at every decode step).
 """
@@ -96,7 +96,7 @@ class SamplerCopy:
     """A copy of ``lm`` with its floating-point parameters in ``dtype``, for sampling.
 
     :meth:`refresh` copies the trainable parameters (the frozen ones do not change) from
-    ``lm``; the trainer calls it after every optimizer step. Costs ``dtype``'s bytes per
+    ``lm``; the trainer calls it at the end of every update. Costs ``dtype``'s bytes per
     parameter of memory and one cast of the trainable weights per step (~30 ms for 135M).
     """
 

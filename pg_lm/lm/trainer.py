@@ -241,8 +241,8 @@ class Trainer:
                 self.opt.step()
                 # None, not zeros: the next backward then writes each gradient instead of adding it to zeros
                 self.opt.zero_grad(set_to_none=True)
-                if self.sampler is not None:
-                    self.sampler.refresh()
+        if self.sampler is not None:  # once per update, not per optimizer step: only the next rollout reads it
+            self.sampler.refresh()
         totals.setdefault("loss/policy", 0.0)  # every row skipped: each had advantage 0, so the loss is 0
         totals["perf/trained_frac"] = trained / (B * cfg.ppo_epochs)
         return totals
