@@ -105,12 +105,24 @@ def max_rss_mb() -> float:
 
 def matmul_peak(dtype: str = "bfloat16", n: int = 2048, seconds: float = 3.0) -> dict:
     """The matmul throughput of this CPU: an (n, n) @ (n, n) product in ``dtype`` repeated for
-    about ``seconds`` on all torch threads, 2 n^3 FLOPs each. bf16: the MFU denominator."""
+    about ``seconds`` on all torch threads, 2 n^3 FLOPs each. bf16: the MFU denominator.
+
+    On a CPU without bf16 instructions a 2048^3 bf16 product takes tens of seconds (1.3 GFLOP/s
+    on the AVX2-only AMD EPYC): a 256^3 product timed first sets ``n`` lower where one product
+    would take over ``seconds`` / 3."""
     import torch
 
-    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
-    for _ in range(3):  # warm-up: kernel selection, page faults
-        a @ b
+    def timed(m):
+        x, y = (torch.randn(m, m, dtype=getattr(torch, dtype)) for _ in range(2))
+        x @ y  # warm-up: kernel selection, page faults
+        t0 = time.perf_counter()
+        x @ y
+        return x, y, time.perf_counter() - t0
+
+    rate = 2 * 256**3 / timed(256)[2]
+    while n > 256 and 2 * n**3 / rate > seconds / 3:
+        n //= 2
+    a, b, _ = timed(n)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b

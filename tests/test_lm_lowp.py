@@ -143,7 +143,28 @@ def test_auto_precision_follows_the_timed_probe(monkeypatch):
         assert setup.resolve_precision("auto") == want
     for mode in ("no", "bf16", "fp16"):
         assert setup.resolve_precision(mode) == mode
-    assert lowp.cpu_bf16_is_fast() in (True, False)
+
+
+@pytest.mark.parametrize("bf16_ms, want, bf16_products", [
+    ([0.3] * 6, True, 2),  # fast: the cold product, then the first timed one decides
+    ([9.0, 0.3], True, 2),  # a slow cold product (kernel selection), then fast
+    ([0.9] * 6, False, 6),  # about as fast as fp32: every repeat is timed
+    ([25.0], False, 1),  # emulated bf16 (an AVX2-only CPU: ~80x fp32): stop at the cold product
+    ([5.0, 3.0], False, 2),  # over 4x the limit: stop at the first timed product
+])
+def test_bf16_probe_decides_and_stops_early(monkeypatch, bf16_ms, want, bf16_products):
+    """fp32 takes 1 ms: bf16 wins under 0.6 ms. Fake timings, so the decision is the rule's, not the CPU's."""
+    calls = []
+
+    def fake(a, b):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            return 1e-3
+        return bf16_ms[min(calls.count(torch.bfloat16), len(bf16_ms)) - 1] * 1e-3
+
+    monkeypatch.setattr(lowp, "_matmul_seconds", fake)
+    assert lowp.cpu_bf16_is_fast.__wrapped__(size=8) is want
+    assert calls.count(torch.bfloat16) == bf16_products and calls.count(torch.float32) == 6
 
 
 def test_auto_attention_is_grouped_on_cpu_in_low_precision_only():
