@@ -137,31 +137,34 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids.
 
     Each prompt is encoded once; its KV cache is repeated for its G samples. Rows that
-    have emitted EOS are filled with ``pad_id``; decoding stops when every row has.
+    have emitted EOS are filled with ``pad_id``; decoding stops when every row has. On a CPU
+    each linear layer runs the faster of two fp32 GEMM libraries here (``decode_gemm``).
     """
+    from .decode_gemm import decode_gemms
     from .policy import kv_cache, positions
 
-    pos = positions(prompt_mask)  # (N, P)
-    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    kw, cache = kv_cache(out)
-    cache.batch_repeat_interleave(num_samples)
-    logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
-    am = prompt_mask.repeat_interleave(num_samples, 0)  # (B, P + t)
-    next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
-    eos = torch.tensor(eos_ids, device=prompt_ids.device)
-    done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
-    tokens = []
-    for t in range(max_new_tokens):
-        tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
-        tokens.append(tok)
-        done = done | torch.isin(tok, eos)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-        out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, use_cache=True, **{kw: cache})
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-    return torch.stack(tokens, 1)  # (B, T)
+    with decode_gemms(lm, prompt_ids.shape[0] * num_samples):
+        pos = positions(prompt_mask)  # (N, P)
+        out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        kw, cache = kv_cache(out)
+        cache.batch_repeat_interleave(num_samples)
+        logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
+        am = prompt_mask.repeat_interleave(num_samples, 0)  # (B, P + t)
+        next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
+        eos = torch.tensor(eos_ids, device=prompt_ids.device)
+        done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
+        tokens = []
+        for t in range(max_new_tokens):
+            tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
+            tokens.append(tok)
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+            out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, use_cache=True, **{kw: cache})
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        return torch.stack(tokens, 1)  # (B, T)
 
 
 @torch.no_grad()

@@ -1,0 +1,96 @@
+"""pg_lm/lm/decode_gemm.py: while sampling on a CPU the linear layers may run oneDNN's GEMM instead
+of MKL's; they must give the same logits and tokens, change nothing with autograd on, and be
+restored on leaving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pg_lm.lm import decode_gemm as dg
+from pg_lm.lm.policy import load_policy
+from pg_lm.lm.sampling import encode_prompts, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["What is 1 + 1?", "hi", "abcdefghijklmnopqrstuvwxyz"]
+
+
+@pytest.fixture(params=["llama", "gpt2", "llama-lora"])
+def lm_tok(request):
+    """The tiny Llama (untied head), GPT-2 (its attention and MLP are Conv1D, its head tied to the
+    input embedding), and the Llama under LoRA (PEFT wraps each linear around a base layer)."""
+    path = request.getfixturevalue("tiny_gpt2_dir" if request.param == "gpt2" else "tiny_lm_dir")
+    policy, tok = load_policy(path, lora_r=4 if request.param.endswith("lora") else 0)
+    if request.param.endswith("lora"):  # non-zero B matrices, so the adapter changes the logits
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    return policy.lm.eval(), tok
+
+
+def _swapped(lm):
+    return [m for m in lm.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__]
+
+
+def test_swapped_layers_give_the_same_logits_and_greedy_tokens(lm_tok, monkeypatch):
+    lm, tok = lm_tok
+    monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
+    ids, am = encode_prompts(tok, PROMPTS, True, None)
+    calls = []
+    real = dg._onednn_linear
+    monkeypatch.setattr(dg, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
+    with torch.no_grad():
+        with dg.decode_gemms(lm, rows=len(PROMPTS)), pytest.MonkeyPatch.context() as mp:
+            assert len(_swapped(lm)) == len(linears) > 0
+            got = lm(input_ids=ids, attention_mask=am).logits  # (N, P, V)
+            mp.setattr(dg, "onednn_is_faster", lambda *a: False)
+            got_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+        assert not _swapped(lm)  # every class forward back
+        want = lm(input_ids=ids, attention_mask=am).logits
+        monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: False)
+        want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+    assert calls, "the oneDNN kernel was not used"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_ids, want_ids)
+
+
+def test_generate_uses_the_probe_and_restores_the_layers(lm_tok, monkeypatch):
+    lm, tok = lm_tok
+    asked = []
+    monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: asked.append(a) or True)
+    ids, am = encode_prompts(tok, PROMPTS, True, None)
+    out = generate(lm, ids, am, 2, 4, [tok.eos_token_id], tok.pad_token_id)
+    assert out.shape[0] == 6 and asked and all(rows == 6 for _, _, rows, _ in asked)  # the decode's row count
+    assert not _swapped(lm)
+
+
+def test_no_swap_with_autograd_on_or_when_mkl_is_faster(lm_tok, monkeypatch):
+    lm, _ = lm_tok
+    monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
+    with dg.decode_gemms(lm, rows=4):  # grad enabled: training forwards keep autograd's linear
+        assert not _swapped(lm)
+    monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: False)
+    with torch.no_grad(), dg.decode_gemms(lm, rows=4):
+        assert not _swapped(lm)
+
+
+def test_an_instance_forward_is_restored(lm_tok, monkeypatch):
+    lm, _ = lm_tok
+    monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
+    head = lm.get_output_embeddings()
+    mine = head.forward  # a bound method set on the instance, as a hook library might
+    head.forward = mine
+    with torch.no_grad(), dg.decode_gemms(lm, rows=4):
+        assert head.__dict__["forward"] is not mine
+    assert head.__dict__["forward"] is mine
+
+
+def test_the_probe_is_cached_per_shape_and_the_kernels_agree():
+    dg.onednn_is_faster.cache_clear()
+    first = dg.onednn_is_faster(64, 16, 4, 1)
+    assert dg.onednn_is_faster(64, 16, 4, 1) is first and dg.onednn_is_faster.cache_info().hits == 1
+    x, w, b = torch.randn(4, 1, 16), torch.randn(64, 16), torch.randn(64)
+    if torch.backends.mkldnn.is_available():
+        torch.testing.assert_close(dg._onednn_linear(x, w, b), torch.nn.functional.linear(x, w, b))
