@@ -259,9 +259,10 @@ def test_evaluation_reports_the_weighted_total_and_each_function(tiny_lm_dir, tm
     def half(prompts, completions, **_):
         return [0.5] * len(completions)
 
-    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[reward, half], reward_weights=[1.0, 2.0], eval_size=3)
+    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[reward, half], reward_weights=[1.0, 2.0], eval_size=3,
+                      eval_batch_size=2)  # two chunks: the sampling context is entered twice
     tr.eval_ds = prompt_dataset(["a", "bb", "ccc", "dddd"])
-    out = tr.evaluate()  # greedy, over the first eval_size = 3 rows
+    out = tr.evaluate()  # greedy, over the first eval_size = 3 rows, in chunks of 2
     assert out == pytest.approx({"eval/reward": 2.0, "eval/half": 0.5})
 
 

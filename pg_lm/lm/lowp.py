@@ -2,7 +2,8 @@
 
 * :func:`cpu_bf16_is_fast` times one matmul in both precisions: the CPU feature flags do not
   tell. On an AMD EPYC with AVX512-BF16 (no AMX) bf16 matmuls ran 4-5x faster than fp32; on
-  an Intel Xeon with AVX512-BF16 but no AMX, at half the fp32 rate.
+  an Intel Xeon with AVX512-BF16 but no AMX, at half the fp32 rate; on an AVX2-only AMD EPYC
+  (no bf16 instructions at all) ~80x slower.
 * :func:`grouped_attention` is the model's attention as two batched matmuls with the query
   heads of a key/value head grouped (no repeated K/V) and the softmax in fp32. On this CPU in
   bf16, at the arithmetic task's shapes, transformers' SDPA path took 8.0 ms per training
