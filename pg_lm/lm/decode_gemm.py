@@ -14,7 +14,7 @@ distinct weights per shape so that they stream from memory as in a decode step, 
     192 x 576           106 us    173 us    attention k / v
 
 and other CPUs may rank them otherwise. :func:`decode_gemms` times both once per process for
-each weight shape at the batch's row count (~0.7 s in all for SmolLM2, the first time) and
+each weight shape at the batch's row count (~1 s in all for SmolLM2, the first time) and
 makes each ``nn.Linear`` of the model use the faster while sampling. The two agree to float
 rounding (~1e-6 relative). Gradients never go through the swapped kernel: it is used only with
 autograd off, and the layers are restored on leaving the block.
@@ -60,7 +60,7 @@ def onednn_is_faster(out_features: int, in_features: int, rows: int, threads: in
     x = torch.ones(rows, 1, in_features)
     try:
         fast = _seconds(_onednn_linear, x, weights)
-    except RuntimeError:  # a build whose oneDNN lacks the op
+    except (RuntimeError, AttributeError):  # a build whose oneDNN lacks the op
         return False
     return fast < _seconds(F.linear, x, weights)
 
