@@ -22,7 +22,7 @@ def evaluate(trainer, dataset) -> dict:
     for i in range(0, len(rows), cfg.eval_batch_size):
         chunk = rows.select(range(i, min(i + cfg.eval_batch_size, len(rows))))
         cols = {c: chunk[c] for c in chunk.column_names if c != "prompt"}
-        lm, ctx = trainer.sampling_lm()  # a fresh context per chunk: accelerate 1.16's autocast() enters once
+        lm, ctx = trainer.sampling_lm()  # a fresh context per chunk: Accelerator.autocast() enters only once
         with ctx:
             batch = sample(lm, trainer.tok, chunk["prompt"], cols, 1, cfg.eval_max_new_tokens, greedy=True,
                            chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length)

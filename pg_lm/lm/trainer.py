@@ -95,7 +95,7 @@ class Trainer:
     def sampling_lm(self):
         """(the causal LM to sample from, the context to sample in): the bf16/fp16 copy with no
         autocast (``cfg.sampler_copy``), else the policy's own LM under autocast. The context can
-        be entered once (accelerate 1.16's ``autocast()`` is a generator): ask again for each use."""
+        be entered once (``Accelerator.autocast()`` is a generator context): ask again for each use."""
         if self.sampler is not None:
             return self.sampler.lm, nullcontext()
         return self.acc.unwrap_model(self.policy).lm, self.acc.autocast()
