@@ -37,7 +37,8 @@ def _matmul_seconds(a: Tensor, b: Tensor) -> float:
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_is_fast(size: int = 512, repeats: int = 5) -> bool:
     """Whether a (size, 2 size) @ (2 size, 2 size) bf16 matmul on this CPU takes under 0.6 of the
-    fp32 one (best of ``repeats`` each). Cached for the process.
+    fp32 one: the best of ``repeats`` fp32 products against up to ``repeats`` bf16 ones, the first
+    under the limit deciding. Cached for the process.
 
     ~20 ms where bf16 is fast. Where it is emulated (an AVX2-only AMD EPYC: 1.3 GFLOP/s in bf16
     against ~100 in fp32, one product ~0.8 s) the probe stops at the first bf16 product that is

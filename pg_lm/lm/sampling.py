@@ -145,7 +145,8 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
 
     with decode_gemms(lm, prompt_ids.shape[0] * num_samples):
         pos = positions(prompt_mask)  # (N, P)
-        out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                 logits_to_keep=1)
         kw, cache = kv_cache(out)
         cache.batch_repeat_interleave(num_samples)
         logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
