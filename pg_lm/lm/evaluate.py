@@ -14,6 +14,7 @@ def evaluate(trainer, dataset) -> dict:
     cfg, acc = trainer.cfg, trainer.acc
     n = min(cfg.eval_size, len(dataset))
     rows = dataset.select(range(acc.process_index, n, acc.num_processes))
+    lm, context = trainer.sampling_lm()
     trainer.policy.eval()
     # the same keys in the same order on every process, even one that got no rows (n < processes):
     # a key list built from the rows seen would make the all-reduce below mismatch and hang
@@ -22,8 +23,7 @@ def evaluate(trainer, dataset) -> dict:
     for i in range(0, len(rows), cfg.eval_batch_size):
         chunk = rows.select(range(i, min(i + cfg.eval_batch_size, len(rows))))
         cols = {c: chunk[c] for c in chunk.column_names if c != "prompt"}
-        lm, ctx = trainer.sampling_lm()  # a fresh context per chunk: Accelerator.autocast() enters only once
-        with ctx:
+        with context():  # a fresh context per chunk: Accelerator.autocast() can be entered only once
             batch = sample(lm, trainer.tok, chunk["prompt"], cols, 1, cfg.eval_max_new_tokens, greedy=True,
                            chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length)
         per_fn, dense = trainer.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())

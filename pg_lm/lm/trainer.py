@@ -93,20 +93,21 @@ class Trainer:
             return self._forward(batch, grad=False)[0]
 
     def sampling_lm(self):
-        """(the causal LM to sample from, the context to sample in): the bf16/fp16 copy with no
-        autocast (``cfg.sampler_copy``), else the policy's own LM under autocast. The context can
-        be entered once (``Accelerator.autocast()`` is a generator context): ask again for each use."""
+        """(the causal LM to sample from, a function making the context to sample in): the bf16/fp16
+        copy with no autocast (``cfg.sampler_copy``), else the policy's own LM under autocast. A
+        function, not a context: ``Accelerator.autocast()`` is a generator context that can be
+        entered only once, and evaluation samples in several chunks."""
         if self.sampler is not None:
-            return self.sampler.lm, nullcontext()
-        return self.acc.unwrap_model(self.policy).lm, self.acc.autocast()
+            return self.sampler.lm, nullcontext
+        return self.acc.unwrap_model(self.policy).lm, self.acc.autocast
 
     def rollout(self) -> tuple[Rollout, dict]:
         cfg = self.cfg
         prompts, cols = self._prompts(self.step)
-        lm, ctx = self.sampling_lm()
+        lm, context = self.sampling_lm()
         t0 = time.perf_counter()
         self.policy.eval()
-        with ctx:
+        with context():
             batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
                            max_prompt_length=cfg.max_prompt_length)
