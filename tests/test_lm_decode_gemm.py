@@ -62,7 +62,7 @@ def test_generate_uses_the_probe_and_restores_the_layers(lm_tok, monkeypatch):
     monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: asked.append(a) or True)
     ids, am = encode_prompts(tok, PROMPTS, True, None)
     out = generate(lm, ids, am, 2, 4, [tok.eos_token_id], tok.pad_token_id)
-    assert out.shape[0] == 6 and asked and all(rows == 6 for _, _, rows, _ in asked)  # the decode's row count
+    assert out.shape[0] == 6 and asked and all(rows == 6 for _, _, rows, *_ in asked)  # the decode's row count
     assert not _swapped(lm)
 
 
@@ -94,3 +94,47 @@ def test_the_probe_is_cached_per_shape_and_the_kernels_agree():
     x, w, b = torch.randn(4, 1, 16), torch.randn(64, 16), torch.randn(64)
     if torch.backends.mkldnn.is_available():
         torch.testing.assert_close(dg._onednn_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+
+
+@needs_onednn
+def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm_tok, monkeypatch):
+    """The bf16 sampling copy: each linear runs oneDNN on a weight reordered once into its blocked layout."""
+    from pg_lm.lm.lowp import SamplerCopy
+
+    lm, tok = lm_tok
+    lm = SamplerCopy(lm, torch.bfloat16).lm
+    ids, am = encode_prompts(tok, PROMPTS, True, None)
+    reordered = []
+    real = dg._reorder
+    monkeypatch.setattr(dg, "_reorder", lambda w, rows: reordered.append(w) or real(w, rows))
+    with torch.no_grad():
+        monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
+        with dg.decode_gemms(lm, rows=len(PROMPTS)):
+            got = lm(input_ids=ids, attention_mask=am).logits.float()
+        got_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+        monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: False)
+        want = lm(input_ids=ids, attention_mask=am).logits.float()
+        want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+    n_linear = sum(type(m) is torch.nn.Linear for m in lm.modules())
+    assert len(reordered) == n_linear > 0  # each weight once: the second entry reused them
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # one bf16 rounding apart at most
+    assert torch.equal(got_ids, want_ids)
+
+
+@needs_onednn
+def test_a_weight_changed_in_place_is_reordered_again(monkeypatch):
+    """SamplerCopy.refresh copies new weights in place: the next decode must not use the old reordering."""
+    monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
+    layer = torch.nn.Linear(16, 32).bfloat16()
+    x = torch.randn(4, 1, 16).bfloat16()
+    with torch.no_grad():
+        with dg.decode_gemms(layer, rows=4):
+            layer(x)
+        layer.weight.copy_(torch.randn(32, 16))
+        with dg.decode_gemms(layer, rows=4):
+            got = layer(x)
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

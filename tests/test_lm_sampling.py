@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pg_lm.lm.policy import Policy, load_policy, token_logprobs
+from pg_lm.lm.policy import Policy, load_policy
 from pg_lm.lm.sampling import Rollout, completion_mask_from_ids, encode_prompts, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
@@ -206,13 +206,6 @@ def test_shared_prompt_forward_edge_shapes(policy_tok, prompt_len, lengths):
         got = policy(*args, group_size=G, with_entropy=True)
     for r, x in zip(ref, got):
         torch.testing.assert_close(x * mask, r * mask, atol=1e-5, rtol=1e-5)
-
-
-def test_token_logprobs_matches_log_softmax():
-    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1))
-    tokens = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
-    want = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    torch.testing.assert_close(token_logprobs(logits, tokens), want)
 
 
 def _greedy_unpadded(lm, tok, prompt: str, max_new_tokens: int) -> list[int]:

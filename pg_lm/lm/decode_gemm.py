@@ -1,29 +1,35 @@
-"""The linear layers while decoding on a CPU: MKL's or oneDNN's fp32 GEMM, whichever is faster here.
+"""The linear layers while decoding on a CPU: the faster of two GEMMs for each weight shape.
 
 Decoding multiplies a few rows (B = prompts x samples) by every weight of the model at every
-step, a shape where the two GEMM libraries torch carries differ. torch sends an fp32
-``F.linear`` to MKL; oneDNN's ``torch.ops.mkldnn._linear_pointwise`` is the other. On the
-AVX2-only AMD EPYC this project is built on, at 16 rows (SmolLM2-135M's weights, 30 to 60
-distinct weights per shape so that they stream from memory as in a decode step, best of 5):
+step, a shape where the GEMM libraries torch carries differ. torch sends ``F.linear`` to MKL (fp32)
+or to oneDNN on the weight as it is laid out (bf16); the other candidate is oneDNN's
+``torch.ops.mkldnn._linear_pointwise``, in bf16 on a weight reordered once into oneDNN's own
+blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's freezing pass does).
+At 16 rows, SmolLM2-135M's weights, 30 to 60 distinct weights per shape so that they stream from
+memory as in a decode step, best of 5, per call:
 
-    weight (out x in)   MKL       oneDNN
-    49152 x 576         36.4 ms   20.5 ms   the vocabulary projection
-    1536 x 576          909 us    757 us    MLP gate / up
-    576 x 1536          784 us    649 us    MLP down
-    576 x 576           320 us    321 us    attention q / o
-    192 x 576           106 us    173 us    attention k / v
+    weight (out x in)   fp32, AVX2-only AMD EPYC    bf16, AMD EPYC with AVX512-BF16
+                        MKL       oneDNN            F.linear   oneDNN, reordered weight
+    49152 x 576         36.4 ms   20.5 ms           5,190 us   3,023 us   the vocabulary projection
+    1536 x 576          909 us    757 us            216 us     116 us     MLP gate / up
+    576 x 1536          784 us    649 us            160 us     115 us     MLP down
+    576 x 576           320 us    321 us            87 us      58 us      attention q / o
+    192 x 576           106 us    173 us            44 us      28 us      attention k / v
 
 and other CPUs may rank them otherwise. :func:`decode_gemms` times both once per process for
-each weight shape at the batch's row count (~1 s in all for SmolLM2, the first time) and
-makes each ``nn.Linear`` of the model use the faster while sampling. The two agree to float
-rounding (~1e-6 relative). Gradients never go through the swapped kernel: it is used only with
-autograd off, and the layers are restored on leaving the block.
+each weight shape and dtype at the batch's row count (~1 s in all for SmolLM2, the first time) and
+makes each ``nn.Linear`` of the model use the faster while sampling. fp32 results agree to float
+rounding (~1e-6 relative); bf16 ones were bit-identical here. A reordered weight is kept per layer
+(bf16: 2 bytes per parameter more) and made again when the weight has changed (the sampling copy is
+refreshed after every update: ~50 ms for SmolLM2). Gradients never go through the swapped kernel: it
+is used only with autograd off, and the layers are restored on leaving the block.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -31,8 +37,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
+REORDERED = (torch.bfloat16,)  # dtypes whose oneDNN candidate runs on a reordered weight
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., in) @ weight.T: ``weight`` (out, in) as laid out, or reordered by :func:`_reorder`."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _reorder(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` (out, in) in oneDNN's blocked layout for ``rows``-row products (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
 def _seconds(fn, x: Tensor, weights: list[Tensor], repeats: int = 3) -> float:
@@ -48,49 +63,69 @@ def _seconds(fn, x: Tensor, weights: list[Tensor], repeats: int = 3) -> float:
 
 @functools.lru_cache(maxsize=None)
 def onednn_is_faster(out_features: int, in_features: int, rows: int, threads: int,
-                     stream_bytes: int = 64 << 20) -> bool:
-    """Whether oneDNN's fp32 linear beats MKL's for (rows, in) @ (in, out) on this CPU. Each is timed
-    over distinct weights of that shape totalling ``stream_bytes`` (more than a CPU cache holds), so
-    that they stream from memory as a decode step's weights do: with one weight kept in cache the
-    ranking of the MLP shapes flipped from run to run here. Cached per shape and thread count."""
+                     dtype: torch.dtype = torch.float32, stream_bytes: int = 64 << 20) -> bool:
+    """Whether oneDNN's linear (on reordered weights for a dtype in ``REORDERED``) beats ``F.linear``
+    for (rows, in) @ (in, out) in ``dtype`` on this CPU. Each is timed over distinct weights of that
+    shape totalling ``stream_bytes`` (more than a CPU cache holds), so that they stream from memory as
+    a decode step's weights do: with one weight kept in cache the ranking of the MLP shapes flipped from
+    run to run here. Cached per shape, thread count and dtype."""
     if not torch.backends.mkldnn.is_available():
         return False
-    n = max(1, min(64, stream_bytes // (4 * out_features * in_features)))
-    weights = [torch.ones(out_features, in_features) for _ in range(n)]  # the values do not matter
-    x = torch.ones(rows, 1, in_features)
+    size = out_features * in_features * torch.finfo(dtype).bits // 8
+    n = max(1, min(64, stream_bytes // size))
+    weights = [torch.ones(out_features, in_features, dtype=dtype) for _ in range(n)]  # the values do not matter
+    x = torch.ones(rows, 1, in_features, dtype=dtype)
     try:
-        fast = _seconds(_onednn_linear, x, weights)
+        candidates = [_reorder(w, rows) for w in weights] if dtype in REORDERED else weights
+        fast = _seconds(_onednn_linear, x, candidates)
     except (RuntimeError, AttributeError):  # a build whose oneDNN lacks the op
         return False
     return fast < _seconds(F.linear, x, weights)
 
 
 def _swappable(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    return (type(m) is nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype in (torch.float32, *REORDERED))
 
 
-def _onednn_forward(layer: nn.Linear):
+# layer -> ((weight's storage, its version counter), the reordered weight): made again when the weight changes
+_REORDERED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _weight_for_onednn(layer: nn.Linear, rows: int) -> Tensor:
+    w = layer.weight
+    if w.dtype not in REORDERED:
+        return w
+    key = (w.data_ptr(), w._version)  # an in-place update (SamplerCopy.refresh) bumps the version
+    hit = _REORDERED.get(layer)
+    if hit is None or hit[0] != key:
+        hit = _REORDERED[layer] = (key, _reorder(w.detach(), rows))
+    return hit[1]
+
+
+def _onednn_forward(layer: nn.Linear, rows: int):
     w, b = layer.weight, layer.bias
+    w_onednn = _weight_for_onednn(layer, rows)
 
     def forward(x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or torch.is_grad_enabled():  # e.g. under autocast: as before
+        if x.dtype != w.dtype or torch.is_grad_enabled():  # e.g. under autocast: as before
             return F.linear(x, w, b)
-        return _onednn_linear(x, w, b)
+        return _onednn_linear(x, w_onednn, b)
 
     return forward
 
 
 @contextmanager
 def decode_gemms(lm: nn.Module, rows: int):
-    """Inside the block, each fp32 ``nn.Linear`` of ``lm`` on a CPU runs oneDNN's GEMM where that is the
-    faster here for ``rows`` rows; with autograd on, or on any other device or dtype, nothing changes."""
+    """Inside the block, each fp32 / bf16 ``nn.Linear`` of ``lm`` on a CPU runs oneDNN's GEMM where that is
+    the faster here for ``rows`` rows; with autograd on, or on any other device or dtype, nothing changes."""
     swapped = []
     if not torch.is_grad_enabled():
         threads = torch.get_num_threads()
         for m in lm.modules():
-            if _swappable(m) and onednn_is_faster(m.out_features, m.in_features, rows, threads):
+            if _swappable(m) and onednn_is_faster(m.out_features, m.in_features, rows, threads, m.weight.dtype):
                 swapped.append((m, m.__dict__.get("forward")))
-                m.forward = _onednn_forward(m)
+                m.forward = _onednn_forward(m, rows)
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pg_lm.core import entropy_from_logits
+from .logprobs import token_logprobs_entropy
 
 
 class Policy(nn.Module):
@@ -58,17 +58,14 @@ class Policy(nn.Module):
         else:
             logits, hidden = self._shared_prompt_forward(prompt_ids, prompt_mask, completion_ids, completion_mask,
                                                          group_size, want_h)
-        logits = logits.float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp = token_logprobs(logits, completion_ids)  # (B, T)
+        logp, entropy = token_logprobs_entropy(logits, completion_ids, temperature)  # (B, T) each, fp32
         values = None
         if want_h:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
-        entropy = None
-        if with_entropy:  # a diagnostic unless it is in the loss: then no graph (and no saved (B, T, V) tensors)
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropy = entropy_from_logits(logits)  # (B, T)
+        if not with_entropy:
+            entropy = None
+        elif not entropy_grad:  # a diagnostic unless it is in the loss
+            entropy = entropy.detach()
         return logp, values, entropy
 
     def _shared_prompt_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, G, want_h):
@@ -103,16 +100,6 @@ def kv_cache(out) -> tuple[str, object]:
 def positions(attention_mask: Tensor) -> Tensor:
     """Position ids that skip left padding, as ``generate`` computes them. (B, L) -> (B, L)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log softmax(logits)[tokens]`` in fp32 without materialising a second (B, T, V) tensor.
-
-    (B, T, V), (B, T) -> (B, T).
-    """
-    logits = logits.float()
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def load_policy(

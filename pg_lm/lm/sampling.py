@@ -138,7 +138,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
 
     Each prompt is encoded once; its KV cache is repeated for its G samples. Rows that
     have emitted EOS are filled with ``pad_id``; decoding stops when every row has. On a CPU
-    each linear layer runs the faster of two fp32 GEMM libraries here (``decode_gemm``).
+    each fp32 or bf16 linear layer runs the faster of two GEMMs here (``decode_gemm``).
     """
     from .decode_gemm import decode_gemms
     from .policy import kv_cache, positions
