@@ -78,13 +78,16 @@ class Policy(nn.Module):
         """
         B, T = completion_ids.shape
         p_ids, p_mask = prompt_ids[::G, :-1], prompt_mask[::G, :-1]  # (N, P - 1); left padding: the last column is real
+        ids = torch.cat([prompt_ids[:, -1:], completion_ids[:, :-1]], 1)  # (B, T): position t predicts token t
+        # one embedding lookup for both calls: its backward zero-fills a (V, H) gradient, once instead of twice
+        emb = self.lm.get_input_embeddings()(torch.cat([p_ids.reshape(-1), ids.reshape(-1)]))  # (N (P - 1) + B T, H)
+        p_emb, c_emb = emb[: p_ids.numel()].view(*p_ids.shape, -1), emb[p_ids.numel() :].view(B, T, -1)
         # logits_to_keep=1: the prompt's own logits are not used (no gradient flows through them), keep them tiny
-        kw, cache = kv_cache(self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask),
+        kw, cache = kv_cache(self.lm(inputs_embeds=p_emb, attention_mask=p_mask, position_ids=positions(p_mask),
                                      use_cache=True, logits_to_keep=1))
         cache.batch_repeat_interleave(G)  # differentiable: gradients flow back to the prompt
         am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)[:, :-1]  # (B, P + T - 1)
-        ids = torch.cat([prompt_ids[:, -1:], completion_ids[:, :-1]], 1)  # (B, T): position t predicts token t
-        out = self.lm(input_ids=ids, attention_mask=am, position_ids=positions(am)[:, -T:], **{kw: cache},
+        out = self.lm(inputs_embeds=c_emb, attention_mask=am, position_ids=positions(am)[:, -T:], **{kw: cache},
                       use_cache=True, output_hidden_states=want_h)
         return out.logits, out.hidden_states[-1] if want_h else None  # (B, T, V), (B, T, H)
 
