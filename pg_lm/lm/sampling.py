@@ -133,14 +133,17 @@ def draw(probs: Tensor) -> Tensor:
 @torch.no_grad()
 def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0) -> Tensor:
+             top_p: float = 1.0, top_k: int = 0, fast_decode: bool = True) -> Tensor:
     """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids.
 
     Each prompt is encoded once; its KV cache is repeated for its G samples. Rows that
     have emitted EOS are filled with ``pad_id``; decoding stops when every row has. On a CPU
-    each fp32 or bf16 linear layer runs the faster of two GEMMs here (``decode_gemm``).
+    each fp32 or bf16 linear layer runs the faster of two GEMMs here (``decode_gemm``). A Llama
+    decodes in fewer ops with a preallocated cache (``decode_llama``; ``fast_decode=False``: the
+    model's own forward at every step).
     """
     from .decode_gemm import decode_gemms
+    from .decode_llama import LlamaDecoder, supports
     from .policy import kv_cache, positions
 
     with decode_gemms(lm, prompt_ids.shape[0] * num_samples):
@@ -154,6 +157,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
         next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
         eos = torch.tensor(eos_ids, device=prompt_ids.device)
         done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
+        decoder = LlamaDecoder(lm, cache, am, max_new_tokens) if fast_decode and supports(lm) else None
         tokens = []
         for t in range(max_new_tokens):
             tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
@@ -161,9 +165,13 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
             done = done | torch.isin(tok, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, use_cache=True, **{kw: cache})
-            logits = out.logits[:, -1]
+            if decoder is not None:
+                logits = decoder.step(tok, next_pos)  # (B, V)
+            else:
+                am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+                out = lm(input_ids=tok[:, None], attention_mask=am, position_ids=next_pos, use_cache=True,
+                         **{kw: cache})
+                logits = out.logits[:, -1]
             next_pos = next_pos + 1
         return torch.stack(tokens, 1)  # (B, T)
 
