@@ -7,7 +7,7 @@ samples of 192; BENCHMARKS.md). So "reward per step no worse" is judged over see
 libraries train ``--steps`` steps on the same prompts in the same order (pg_lm's order for
 that seed, handed to TRL), the same configuration as ``lm_vs_trl.py`` (SAME there: 4
 prompts x 4 samples, 24 new tokens, temperature 1, full fine-tuning at lr 1e-5, GRPO
-advantage, token-mean loss, no KL, fp32), and the correct samples of every step are
+advantage, token-mean loss, no KL, fp32 or with ``--bf16`` both in bf16), and the correct samples of every step are
 counted. Reported: each library's mean reward per step over all seeds and steps with its
 standard error over seeds, and the per-seed paired difference. Nothing is timed here, so
 the machine need not be idle.
@@ -41,7 +41,8 @@ import lm_vs_trl as B  # noqa: E402
 from _common import machine_info, write_json  # noqa: E402
 
 
-def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str, coupled: bool = False) -> None:
+def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str, coupled: bool = False,
+                  bf16: bool = False) -> None:
     """``lr`` None: only the prompts of ``steps`` steps are wanted, nothing is trained."""
     import pg_lm  # noqa: F401  before torch, as a user script would
 
@@ -51,8 +52,8 @@ def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str
     if coupled:
         couple_pg_lm(seed, completions)
 
-    args = B.parse_args(["--trl-bf16", "false"])
-    trainer = build_pg_lm({**B.pg_lm_overrides(args, steps, False), "seed": seed, "lr": lr or B.SAME["lr"]},
+    args = B.parse_args(["--trl-bf16", "true" if bf16 else "false"])
+    trainer = build_pg_lm({**B.pg_lm_overrides(args, steps, bf16), "seed": seed, "lr": lr or B.SAME["lr"]},
                           output_dir)
     prompts, answers = pg_lm_step_prompts(trainer, steps)
     rewards = [trainer.train_step()["reward/mean"] for _ in range(steps if lr is not None else 0)]
@@ -60,7 +61,7 @@ def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str
 
 
 def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output_dir: str,
-                coupled: bool = False) -> None:
+                coupled: bool = False, bf16: bool = False) -> None:
     from transformers import TrainerCallback
 
     from _lm_setup import build_trl, couple_trl
@@ -72,7 +73,7 @@ def trl_rewards(conn, prompts, answers, seed: int, steps: int, lr: float, output
             if logs and "reward" in logs:
                 rewards.append(logs["reward"])
 
-    kw = {**B.trl_config(False, steps, output_dir), "seed": seed, "learning_rate": lr}
+    kw = {**B.trl_config(bf16, steps, output_dir), "seed": seed, "learning_rate": lr}
     trainer = build_trl(prompts, answers, kw, callbacks=[Log()])
     completions = []
     if coupled:
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--coupled", action="store_true",
                    help="common random numbers: both reseeded before each step's sampling, pg_lm drawing by "
                         "torch.multinomial as model.generate does")
+    p.add_argument("--bf16", action="store_true",
+                   help="both in bf16: TRL with bf16=True, pg_lm with --mixed-precision bf16 (its bf16 sampling "
+                        "copy and decode path); default: both in fp32")
     p.add_argument("--pool", nargs="+", metavar="JSON", default=None,
                    help="train nothing: summarise the runs of these earlier outputs together")
     p.add_argument("--output", default="runs/bench/lm_reward_per_step.json")
@@ -185,10 +189,11 @@ def main(argv=None) -> int:
         runs = []
         for seed in args.seeds:
             pg_lr = args.lr if "pg_lm" in args.libraries else None  # else pg_lm only fixes the prompts
-            out = dict(pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}", args.coupled))
+            out = dict(pg_lm=_run(ctx, pg_lm_rewards, seed, args.steps, pg_lr, f"{tmp}/pg_lm_{seed}", args.coupled,
+                                     args.bf16))
             if "trl" in args.libraries:
                 out["trl"] = _run(ctx, trl_rewards, out["pg_lm"]["prompts"], out["pg_lm"]["answers"], seed,
-                                  args.steps, args.lr, f"{tmp}/trl_{seed}", args.coupled)
+                                  args.steps, args.lr, f"{tmp}/trl_{seed}", args.coupled, args.bf16)
             run = {"seed": seed, **{lib: out[lib]["rewards"] for lib in args.libraries}}
             if args.coupled:
                 run["same_completions"] = [a == b for a, b in zip(out["pg_lm"]["completions"], out["trl"]["completions"],
@@ -198,7 +203,8 @@ def main(argv=None) -> int:
                 f"{lib} {[round(r * B.ROWS) for r in run[lib]]}" for lib in args.libraries)
                 + (f"  identical completions {[int(x) for x in run['same_completions']]}" if args.coupled else ""),
                 flush=True)
-        config = dict(B.SAME, lr=args.lr, steps=args.steps, **({"coupled": True} if args.coupled else {}))
+        config = dict(B.SAME, lr=args.lr, steps=args.steps, **({"coupled": True} if args.coupled else {}),
+                      **({"bf16": True} if args.bf16 else {}))
         result = summarize(runs, config)
     print(result["summary"])
     write_json(args.output, result)
