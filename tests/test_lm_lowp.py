@@ -171,3 +171,51 @@ def test_auto_attention_is_grouped_on_cpu_in_low_precision_only():
     assert setup.resolve_attention("auto", "bf16", "cpu") and setup.resolve_attention("auto", "fp16", "cpu")
     assert not setup.resolve_attention("auto", "no", "cpu") and not setup.resolve_attention("auto", "bf16", "cuda")
     assert setup.resolve_attention("grouped", "no", "cuda") and not setup.resolve_attention("model", "bf16", "cpu")
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_update_forward_takes_the_copys_weights_with_autocasts_gradient(tiny_lm_dir, tmp_path, lora_r):
+    """In bf16 the update's forward reads its linear weights from the sampling copy (autocast's casts,
+    already made) while the copy is current: the same log-probs and the same gradient, bit for bit, as
+    autocast casting the fp32 weights itself; after an optimizer step the copy is stale and unused."""
+    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", lora_r=lora_r, lr=1e-2,
+                      train_dataset=prompt_dataset(TRAIN_PROMPTS))
+    lm = tr.acc.unwrap_model(tr.policy).lm
+    linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
+    assert len(tr.sampler.linear_weights(tr._param_names)) == len(linears) > 0
+    batch, _ = tr.rollout()
+    adv = torch.randn(batch.completion_mask.shape, generator=torch.Generator().manual_seed(0))
+
+    def logp_and_grads():
+        tr.policy.zero_grad(set_to_none=True)
+        logp = tr._forward(batch, grad=True)[0]
+        (logp * adv * batch.completion_mask).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
+
+    with_copy = logp_and_grads()
+    real = tr.sampler.linear_weights
+    tr.sampler.linear_weights = lambda names: {}  # autocast casts every weight, as before
+    without = logp_and_grads()
+    tr.sampler.linear_weights = real
+    assert torch.equal(with_copy[0], without[0])
+    assert with_copy[1].keys() == without[1].keys() and len(without[1]) > 0
+    for n in without[1]:
+        assert torch.equal(with_copy[1][n], without[1][n]), n
+    tr.update(batch, adv, None)  # the copy is stale between optimizer steps and current after the refresh
+    assert tr.sampler.current and len(tr.sampler.linear_weights(tr._param_names)) == len(linears)
+    tr.sampler.current = False
+    assert tr.sampler.linear_weights(tr._param_names) == {}
+
+
+def test_later_optimizer_steps_of_an_update_do_not_read_the_stale_copy(tiny_lm_dir, tmp_path, monkeypatch):
+    """PPO epochs: the first optimizer step's forwards read the copy, the second's (after the weights
+    moved) let autocast cast the new weights."""
+    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", lr=1e-2, ppo_epochs=2,
+                      train_dataset=prompt_dataset(TRAIN_PROMPTS))
+    batch, _ = tr.rollout()
+    adv = torch.randn(batch.completion_mask.shape, generator=torch.Generator().manual_seed(0))
+    used = []
+    real = tr.sampler.linear_weights
+    monkeypatch.setattr(tr.sampler, "linear_weights", lambda names: used.append(bool(real(names))) or real(names))
+    tr.update(batch, adv, None)
+    assert used == [True, False]

@@ -118,6 +118,8 @@ def build(trainer) -> None:
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
     # made after the weights are final (resumed): sampling and evaluation read it (Trainer.sampling_lm)
     trainer.sampler = SamplerCopy(acc.unwrap_model(trainer.policy).lm, low) if low and cfg.sampler_copy else None
+    # each parameter's name in the (possibly DDP-wrapped) policy, for forwards that take weights from the copy
+    trainer._param_names = {id(p): n for n, p in trainer.policy.named_parameters(remove_duplicate=False)}
     trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
                                trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
     if cfg.report_to != "none":

@@ -79,10 +79,15 @@ class Trainer:
     def _forward(self, batch: Rollout, grad: bool, model=None):
         model = model or self.policy
         ctx = nullcontext() if grad else torch.no_grad()
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        kw = dict(group_size=batch.group_size, temperature=self.cfg.temperature, with_entropy=grad,
+                  entropy_grad=bool(self.cfg.entropy_coef))
         with ctx, self.acc.autocast():
-            return model(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                         group_size=batch.group_size, temperature=self.cfg.temperature, with_entropy=grad,
-                         entropy_grad=bool(self.cfg.entropy_coef))
+            # low precision: the sampling copy's weights are autocast's casts, already made (same values, same gradient)
+            weights = self.sampler.linear_weights(self._param_names) if self.sampler and model is self.policy else {}
+            if weights:
+                return torch.func.functional_call(model, weights, args, kw, strict=False)
+            return model(*args, **kw)
 
     def _ref_logp(self, batch: Rollout) -> Tensor | None:
         if self.kl_coef <= 0 and self.cfg.kl_target is None:
@@ -241,6 +246,8 @@ class Trainer:
                     gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     totals["policy/grad_norm"] = float(gn)
                 self.opt.step()
+                if self.sampler is not None:  # the copy now lags the weights until the refresh below
+                    self.sampler.current = False
                 # None, not zeros: the next backward then writes each gradient instead of adding it to zeros
                 self.opt.zero_grad(set_to_none=True)
         if self.sampler is not None:  # once per update, not per optimizer step: only the next rollout reads it
