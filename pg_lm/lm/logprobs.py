@@ -24,7 +24,8 @@ from torch import Tensor
 CHUNK_ELEMENTS = 1 << 20  # fp32 elements worked on at once: 4 MB, within a core's share of the L3 cache
 
 
-def _rows(n_rows: int, vocab: int) -> int:
+def _rows(vocab: int) -> int:
+    """Rows of ``vocab`` logits per chunk."""
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
@@ -44,7 +45,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         logp = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
         lse = torch.empty_like(logp)  # (N,)
         ent = torch.empty_like(logp)  # (N,)
-        step = _rows(N, V)
+        step = _rows(V)
         for s in range(0, N, step):
             x = _fp32(logits[s : s + step], temperature)  # (n, V)
             c_lse = torch.logsumexp(x, -1)  # (n,)
@@ -65,7 +66,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         N, V = logits.shape
         t = ctx.temperature
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V), the logits' dtype
-        step = _rows(N, V)
+        step = _rows(V)
         for s in range(0, N, step):
             sl = slice(s, s + step)
             y = _fp32(logits[sl], t).sub_(lse[sl, None])  # (n, V) log p
