@@ -101,7 +101,8 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 @needs_onednn
 def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm_tok, monkeypatch):
-    """The bf16 sampling copy: each linear runs oneDNN on a weight reordered once into its blocked layout."""
+    """The bf16 sampling copy: each linear runs oneDNN on a weight reordered into its blocked layout, once
+    per block (the explicit one and generate's)."""
     from pg_lm.lm.lowp import SamplerCopy
 
     lm, tok = lm_tok
@@ -119,22 +120,31 @@ def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm
         want = lm(input_ids=ids, attention_mask=am).logits.float()
         want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
     n_linear = sum(type(m) is torch.nn.Linear for m in lm.modules())
-    assert len(reordered) == n_linear > 0  # each weight once: the second entry reused them
+    assert len(reordered) == 2 * n_linear > 0  # each weight once in each of the two blocks
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # one bf16 rounding apart at most
     assert torch.equal(got_ids, want_ids)
 
 
 @needs_onednn
-def test_a_weight_changed_in_place_is_reordered_again(monkeypatch):
-    """SamplerCopy.refresh copies new weights in place: the next decode must not use the old reordering."""
+@pytest.mark.parametrize("update", ["copy_", "fused-adamw"])
+def test_a_weight_changed_between_blocks_is_reordered_again(monkeypatch, update):
+    """SamplerCopy.refresh copies new weights in place, and a fused AdamW step changes them without
+    bumping their version counter: the next decode must not use the old reordering."""
     monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
     layer = torch.nn.Linear(16, 32).bfloat16()
     x = torch.randn(4, 1, 16).bfloat16()
     with torch.no_grad():
         with dg.decode_gemms(layer, rows=4):
-            layer(x)
-        layer.weight.copy_(torch.randn(32, 16))
+            before = layer(x)
+    if update == "copy_":
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(32, 16))
+    else:
+        layer.weight.grad, layer.bias.grad = torch.ones_like(layer.weight), torch.ones_like(layer.bias)
+        torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True).step()
+    with torch.no_grad():
         with dg.decode_gemms(layer, rows=4):
             got = layer(x)
         want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert not torch.allclose(before.float(), want.float(), rtol=2e-2, atol=2e-2)  # the update changed the output
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -19,9 +19,8 @@ memory as in a decode step, best of 5, per call:
 and other CPUs may rank them otherwise. :func:`decode_gemms` times both once per process for
 each weight shape and dtype at the batch's row count (~1 s in all for SmolLM2, the first time) and
 makes each ``nn.Linear`` of the model use the faster while sampling. fp32 results agree to float
-rounding (~1e-6 relative); bf16 ones were bit-identical here. A reordered weight is kept per layer
-(bf16: 2 bytes per parameter more) and made again when the weight has changed (the sampling copy is
-refreshed after every update: ~50 ms for SmolLM2). Gradients never go through the swapped kernel: it
+rounding (~1e-6 relative); bf16 ones were bit-identical here. The reordered weights are made on
+entering the block (~50 ms for SmolLM2, 2 bytes per parameter while it lasts). Gradients never go through the swapped kernel: it
 is used only with autograd off, and the layers are restored on leaving the block.
 """
 
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import time
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -88,24 +86,11 @@ def _swappable(m: nn.Module) -> bool:
             and m.weight.dtype in (torch.float32, *REORDERED))
 
 
-# layer -> ((weight's storage, its version counter), the reordered weight): made again when the weight changes
-_REORDERED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _weight_for_onednn(layer: nn.Linear, rows: int) -> Tensor:
-    w = layer.weight
-    if w.dtype not in REORDERED:
-        return w
-    key = (w.data_ptr(), w._version)  # an in-place update (SamplerCopy.refresh) bumps the version
-    hit = _REORDERED.get(layer)
-    if hit is None or hit[0] != key:
-        hit = _REORDERED[layer] = (key, _reorder(w.detach(), rows))
-    return hit[1]
-
-
 def _onednn_forward(layer: nn.Linear, rows: int):
     w, b = layer.weight, layer.bias
-    w_onednn = _weight_for_onednn(layer, rows)
+    # reordered afresh for each block: a cache keyed on the weight's version counter would miss updates
+    # that do not bump it (the fused AdamW step does not), and ~50 ms per rollout is small beside its gain
+    w_onednn = _reorder(w.detach(), rows) if w.dtype in REORDERED else w
 
     def forward(x: Tensor) -> Tensor:
         if x.dtype != w.dtype or torch.is_grad_enabled():  # e.g. under autocast: as before
