@@ -1,7 +1,7 @@
 """Time pg_lm's update (forward, backward, clip, AdamW) alone, at lm_vs_trl.py's configuration.
 
 One rollout of the embedded model (4 prompts x 4 samples, up to 24 new tokens, full
-fine-tuning, fp32) is drawn after ``--warmup`` whole training steps; then
+fine-tuning, fp32 or ``--precision bf16``) is drawn after ``--warmup`` whole training steps; then
 ``Trainer.update`` runs ``--repeats`` times on it with every row's advantage made non-zero
 (so no row is skipped: the like-for-like compute). Prints each update's seconds, its minor page faults, the
 median and the process's peak resident memory; ``--output`` writes them as JSON. For A/B tests of changes to the update path: run it
@@ -35,11 +35,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after the timed updates, run one more under torch.profiler and print its top ROWS ops")
+    p.add_argument("--precision", choices=("bf16", "no"), default="no", help="pg_lm's --mixed-precision")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     from _lm_setup import build_pg_lm
 
-    bench_args = B.parse_args(["--trl-bf16", "false", "--pg-lm-skip-zero-advantage", "false"])
+    bench_args = B.parse_args(["--pg-lm-precision", args.precision, "--pg-lm-skip-zero-advantage", "false"])
     trainer = build_pg_lm(B.pg_lm_overrides(bench_args, args.warmup + args.repeats + 1, False), tempfile.mkdtemp())
     for _ in range(args.warmup):
         trainer.train_step()

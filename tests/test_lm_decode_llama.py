@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pg_lm.lm.decode_llama import LlamaDecoder, supports
+from pg_lm.lm.decode_llama import LlamaDecoder, fused_projections, supports
 from pg_lm.lm.policy import kv_cache, load_policy, positions
 from pg_lm.lm.sampling import encode_prompts, generate
 
@@ -36,8 +36,9 @@ def _lm(path, lora=False, rope=None, dtype=torch.float32):
     return lm.to(dtype).eval(), tok
 
 
-def _step_logits(lm, tok, G, steps, fast):
-    """Logits (steps, B, V) of decoding a fixed token sequence after the prompts, one way or the other."""
+def _step_logits(lm, tok, G, steps, fast, fuse=True):
+    """Logits (steps, B, V) of decoding a fixed token sequence after the prompts, one way or the other
+    (``fuse``: the decoder's q|k|v and gate|up GEMMs where the layers allow it, as ``generate`` does)."""
     ids, am = encode_prompts(tok, PROMPTS, True, None)
     pos = positions(am)
     with torch.no_grad():
@@ -47,7 +48,8 @@ def _step_logits(lm, tok, G, steps, fast):
         am = am.repeat_interleave(G, 0)
         next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
         feed = torch.randint(4, len(tok), (steps, am.shape[0]), generator=torch.Generator().manual_seed(0))
-        decoder = LlamaDecoder(lm, cache, am, steps) if fast else None
+        projections = fused_projections(lm, am.shape[0])[0] if fuse else None
+        decoder = LlamaDecoder(lm, cache, am, steps, projections) if fast else None
         got = []
         for t in range(steps):
             if fast:
@@ -66,8 +68,27 @@ def test_step_logits_match_the_models_forward(tiny_lm_dir, variant):
                   rope={"rope_type": "linear", "factor": 2.0} if variant.startswith("rope") else None)
     assert supports(lm)
     want = _step_logits(lm, tok, G=2, steps=6, fast=False)
-    got = _step_logits(lm, tok, G=2, steps=6, fast=True)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for fuse in (True, False):
+        got = _step_logits(lm, tok, G=2, steps=6, fast=True, fuse=fuse)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_projections_are_fused_only_where_the_layers_are_plain_linears(tiny_lm_dir, lora):
+    lm, _ = _lm(tiny_lm_dir, lora=lora)
+    plans, fused = fused_projections(lm, 4)
+    n_layers = lm.config.num_hidden_layers
+    assert len(plans) == n_layers
+    if lora:  # PEFT wraps each projection: the decoder calls the modules (and their adapters)
+        assert plans == [(None, None)] * n_layers and fused == []
+    else:
+        assert all(qkv is not None and gu is not None for qkv, gu in plans) and len(fused) == 5 * n_layers
+        layer = lm.model.layers[0]
+        h = torch.randn(4, 1, lm.config.hidden_size)
+        a, m = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            torch.testing.assert_close(plans[0][0](h), torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], -1))
+            torch.testing.assert_close(plans[0][1](h), torch.cat([m.gate_proj(h), m.up_proj(h)], -1))
 
 
 def test_bf16_step_logits_are_within_a_rounding_of_the_models(tiny_lm_dir):
@@ -75,6 +96,7 @@ def test_bf16_step_logits_are_within_a_rounding_of_the_models(tiny_lm_dir):
     lm, tok = _lm(tiny_lm_dir, dtype=torch.bfloat16)
     want = _step_logits(lm, tok, G=2, steps=6, fast=False)
     got = _step_logits(lm, tok, G=2, steps=6, fast=True)
+    torch.testing.assert_close(_step_logits(lm, tok, G=2, steps=6, fast=True, fuse=False), got, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 
 import torch
@@ -86,29 +87,45 @@ def _swappable(m: nn.Module) -> bool:
             and m.weight.dtype in (torch.float32, *REORDERED))
 
 
+def gemm(weight: Tensor, bias: Tensor | None, rows: int) -> Callable[[Tensor], Tensor]:
+    """``x (..., in) -> x @ weight.T + bias`` (no autograd) through the faster GEMM here for ``rows``-row
+    products: oneDNN's (on ``weight`` reordered now, for a dtype in ``REORDERED``) where the probe says so,
+    else ``F.linear``. The reordering is made on this call: the caller makes a new function when the weight
+    changes (a cache keyed on the weight's version counter would miss updates that do not bump it; the fused
+    AdamW step does not)."""
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    if not (w.device.type == "cpu" and w.dtype in (torch.float32, *REORDERED)
+            and onednn_is_faster(w.shape[0], w.shape[1], rows, torch.get_num_threads(), w.dtype)):
+        return lambda x: F.linear(x, w, b)
+    w_onednn = _reorder(w, rows) if w.dtype in REORDERED else w
+    return lambda x: _onednn_linear(x, w_onednn, b)
+
+
 def _onednn_forward(layer: nn.Linear, rows: int):
     w, b = layer.weight, layer.bias
-    # reordered afresh for each block: a cache keyed on the weight's version counter would miss updates
-    # that do not bump it (the fused AdamW step does not), and ~50 ms per rollout is small beside its gain
-    w_onednn = _reorder(w.detach(), rows) if w.dtype in REORDERED else w
+    fast = gemm(w, b, rows)  # made afresh for each block, ~50 ms for SmolLM2 (see gemm)
 
     def forward(x: Tensor) -> Tensor:
         if x.dtype != w.dtype or torch.is_grad_enabled():  # e.g. under autocast: as before
             return F.linear(x, w, b)
-        return _onednn_linear(x, w_onednn, b)
+        return fast(x)
 
     return forward
 
 
 @contextmanager
-def decode_gemms(lm: nn.Module, rows: int):
-    """Inside the block, each fp32 / bf16 ``nn.Linear`` of ``lm`` on a CPU runs oneDNN's GEMM where that is
-    the faster here for ``rows`` rows; with autograd on, or on any other device or dtype, nothing changes."""
+def decode_gemms(lm: nn.Module, rows: int, skip: Collection[nn.Module] = ()):
+    """Inside the block, each fp32 / bf16 ``nn.Linear`` of ``lm`` on a CPU (but those in ``skip``) runs oneDNN's
+    GEMM where that is the faster here for ``rows`` rows; with autograd on, or on any other device or dtype,
+    nothing changes."""
     swapped = []
     if not torch.is_grad_enabled():
         threads = torch.get_num_threads()
+        skip = {id(m) for m in skip}
         for m in lm.modules():
-            if _swappable(m) and onednn_is_faster(m.out_features, m.in_features, rows, threads, m.weight.dtype):
+            if (_swappable(m) and id(m) not in skip
+                    and onednn_is_faster(m.out_features, m.in_features, rows, threads, m.weight.dtype)):
                 swapped.append((m, m.__dict__.get("forward")))
                 m.forward = _onednn_forward(m, rows)
     try:

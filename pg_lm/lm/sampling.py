@@ -143,10 +143,13 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     model's own forward at every step).
     """
     from .decode_gemm import decode_gemms
-    from .decode_llama import LlamaDecoder, supports
+    from .decode_llama import LlamaDecoder, fused_projections, supports
     from .policy import kv_cache, positions
 
-    with decode_gemms(lm, prompt_ids.shape[0] * num_samples):
+    rows = prompt_ids.shape[0] * num_samples
+    fast_decode = fast_decode and supports(lm)
+    projections, fused = fused_projections(lm, rows) if fast_decode else (None, [])
+    with decode_gemms(lm, rows, skip=fused):
         pos = positions(prompt_mask)  # (N, P)
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
                  logits_to_keep=1)
@@ -157,7 +160,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
         next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
         eos = torch.tensor(eos_ids, device=prompt_ids.device)
         done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
-        decoder = LlamaDecoder(lm, cache, am, max_new_tokens) if fast_decode and supports(lm) else None
+        decoder = LlamaDecoder(lm, cache, am, max_new_tokens, projections) if fast_decode else None
         tokens = []
         for t in range(max_new_tokens):
             tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
