@@ -87,3 +87,17 @@ def test_the_input_is_left_unchanged_and_a_strided_view_works():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="disagree"):
         lp.token_logprobs_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_without_the_entropy_the_log_probs_and_their_gradient_are_the_same():
+    logits = torch.randn(3, 5, 40, dtype=torch.float64)
+    tokens = torch.randint(0, 40, (3, 5))
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    logp, ent = lp.token_logprobs_entropy(a, tokens, 0.7)
+    logp_only, none = lp.token_logprobs_entropy(b, tokens, 0.7, entropy=False)
+    assert none is None and ent is not None
+    assert torch.equal(logp, logp_only)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    (w * logp).sum().backward()
+    (w * logp_only).sum().backward()
+    assert torch.equal(a.grad, b.grad)

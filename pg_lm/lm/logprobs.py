@@ -40,7 +40,7 @@ def _fp32(rows: Tensor, temperature: float) -> Tensor:
 
 class _TokenLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float):
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, entropy: bool):
         N, V = logits.shape  # (N, V), tokens (N,)
         logp = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
         lse = torch.empty_like(logp)  # (N,)
@@ -51,7 +51,8 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
             c_lse = torch.logsumexp(x, -1)  # (n,)
             y = x.sub_(c_lse[:, None])  # (n, V) log p, in place
             logp[s : s + step] = y.gather(-1, tokens[s : s + step, None]).squeeze(-1)
-            ent[s : s + step] = -torch.linalg.vecdot(y.exp(), y)  # -sum p log p: terms of one sign
+            if entropy:  # else the entropies stay unset and are not returned
+                ent[s : s + step] = -torch.linalg.vecdot(y.exp(), y)  # -sum p log p: terms of one sign
             lse[s : s + step] = c_lse
         ctx.temperature = temperature
         ctx.save_for_backward(logits, tokens, lse, ent)
@@ -62,7 +63,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         logits, tokens, lse, ent = ctx.saved_tensors
         if g_logp is None and g_ent is None:
-            return None, None, None
+            return None, None, None, None
         N, V = logits.shape
         t = ctx.temperature
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V), the logits' dtype
@@ -83,17 +84,20 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
             if t != 1.0:
                 g.div_(t)
             grad[sl] = g
-        return grad, None, None
+        return grad, None, None, None
 
 
-def token_logprobs_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def token_logprobs_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
+                           entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """(log softmax(logits / temperature)[tokens], entropy of softmax(logits / temperature)), both fp32.
 
     logits (..., V) in any float dtype, tokens (...) -> two (...) tensors. Differentiable in
     ``logits`` through both outputs; the logits' gradient comes back in their dtype. Masked
-    (-inf) logits count as probability 0 (0 log 0 = 0)."""
+    (-inf) logits count as probability 0 (0 log 0 = 0). ``entropy=False``: the entropy is not
+    computed (one exponential pass over the logits fewer) and None comes back in its place."""
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree")
     lead, V = tokens.shape, logits.shape[-1]
-    logp, ent = _TokenLogprobsEntropy.apply(logits.reshape(-1, V), tokens.reshape(-1), float(temperature))
-    return logp.view(lead), ent.view(lead)  # (...), (...)
+    logp, ent = _TokenLogprobsEntropy.apply(logits.reshape(-1, V), tokens.reshape(-1), float(temperature),
+                                            bool(entropy))
+    return logp.view(lead), ent.view(lead) if entropy else None  # (...), (...)

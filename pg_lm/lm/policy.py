@@ -58,13 +58,11 @@ class Policy(nn.Module):
         else:
             logits, hidden = self._shared_prompt_forward(prompt_ids, prompt_mask, completion_ids, completion_mask,
                                                          group_size, want_h)
-        logp, entropy = token_logprobs_entropy(logits, completion_ids, temperature)  # (B, T) each, fp32
+        logp, entropy = token_logprobs_entropy(logits, completion_ids, temperature, with_entropy)  # (B, T), fp32
         values = None
         if want_h:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
-        if not with_entropy:
-            entropy = None
-        elif not entropy_grad:  # a diagnostic unless it is in the loss
+        if with_entropy and not entropy_grad:  # a diagnostic unless it is in the loss
             entropy = entropy.detach()
         return logp, values, entropy
 
