@@ -1,8 +1,9 @@
 """Time pg_lm's rollout (sampling 16 completions) alone at lm_vs_trl.py's configuration, decoding through
-``pg_lm.lm.decode_llama`` and through the model's own forward, alternating in one process.
+``pg_lm.lm.decode_llama`` ("fast"), through it without its fused q|k|v and gate|up GEMMs ("unfused":
+the model's projection modules), and through the model's own forward ("model"), alternating in one process.
 
 After ``--warmup`` whole training steps, ``Trainer.rollout()`` runs ``--repeats`` times in each way, the
-order alternating (fast, model, model, fast, ...) so that slow drifts of the machine hit both alike; each
+order alternating (fast, unfused, model, model, unfused, fast, ...) so that slow drifts of the machine hit both alike; each
 rollout reseeds torch's generator, so both ways sample from the same random numbers. Prints every rollout's
 seconds and the medians; ``--output`` writes them as JSON. Run on an idle machine.
 
@@ -47,21 +48,25 @@ def main(argv=None) -> int:
     supports = decode_llama.supports
     lm, _ = trainer.sampling_lm()
     result = dict(benchmark="rollout_step", load1_start=load1(), machine=machine_info(), precision=args.precision,
-                  decode_llama_applies=supports(lm), rollout_s={"fast": [], "model": []})
+                  decode_llama_applies=supports(lm), rollout_s={"fast": [], "unfused": [], "model": []})
+    fused = decode_llama.fused_projections
+    ways = ("fast", "unfused", "model")
     try:
         for i in range(args.repeats):
-            for way in ("fast", "model") if i % 2 == 0 else ("model", "fast"):
-                decode_llama.supports = supports if way == "fast" else (lambda lm: False)
+            for way in ways if i % 2 == 0 else ways[::-1]:
+                decode_llama.supports = supports if way != "model" else (lambda lm: False)
+                decode_llama.fused_projections = fused if way == "fast" else (lambda lm, rows: (None, []))
                 torch.manual_seed(i)
                 t0 = time.perf_counter()
                 trainer.rollout()
                 result["rollout_s"][way].append(time.perf_counter() - t0)
                 print(f"{way:5s} {result['rollout_s'][way][-1]:.3f} s", flush=True)
     finally:
-        decode_llama.supports = supports
+        decode_llama.supports, decode_llama.fused_projections = supports, fused
     result["median_s"] = {way: median(ts) for way, ts in result["rollout_s"].items()}
     result["load1_end"] = load1()
-    print(f"median rollout: decode_llama {result['median_s']['fast']:.3f} s, the model's forward "
+    print(f"median rollout: decode_llama {result['median_s']['fast']:.3f} s, unfused "
+          f"{result['median_s']['unfused']:.3f} s, the model's forward "
           f"{result['median_s']['model']:.3f} s ({args.precision}; load1 {result['load1_start']:.2f})")
     if args.output:
         write_json(args.output, result)
