@@ -97,9 +97,32 @@ def test_the_probe_is_cached_per_shape_and_the_kernels_agree():
 
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+needs_bf16_reorder = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and dg.can_reorder(torch.bfloat16)),
+    reason="this CPU cannot reorder bf16 weights for oneDNN (needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
 
 
-@needs_onednn
+def test_a_cpu_that_cannot_reorder_keeps_f_linear(monkeypatch):
+    """On an AVX2-only CPU torch's bf16 reorder raises: the probe must say 'no' (and decoding keep
+    F.linear) rather than crash the sampler."""
+    def refuse(w, rows):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    monkeypatch.setattr(dg, "_reorder", refuse)
+    for probe in (dg.can_reorder, dg.onednn_is_faster):
+        probe.cache_clear()
+    try:
+        assert not dg.can_reorder(torch.bfloat16)
+        assert not dg.onednn_is_faster(64, 32, 4, 1, torch.bfloat16)
+        layer = torch.nn.Linear(32, 64).bfloat16()
+        with torch.no_grad(), dg.decode_gemms(layer, rows=4):
+            assert "forward" not in layer.__dict__  # not swapped
+    finally:
+        for probe in (dg.can_reorder, dg.onednn_is_faster):
+            probe.cache_clear()  # the real answers again for later tests
+
+
+@needs_bf16_reorder
 def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm_tok, monkeypatch):
     """The bf16 sampling copy: each linear runs oneDNN on a weight reordered into its blocked layout, once
     per block (the explicit one and generate's)."""
@@ -129,7 +152,7 @@ def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm
     assert torch.equal(got_ids, want_ids)
 
 
-@needs_onednn
+@needs_bf16_reorder
 @pytest.mark.parametrize("update", ["copy_", "fused-adamw"])
 def test_a_weight_changed_between_blocks_is_reordered_again(monkeypatch, update):
     """SamplerCopy.refresh copies new weights in place, and a fused AdamW step changes them without

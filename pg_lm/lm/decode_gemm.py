@@ -61,6 +61,18 @@ def _seconds(fn, x: Tensor, weights: list[Tensor], repeats: int = 3) -> float:
 
 
 @functools.lru_cache(maxsize=None)
+def can_reorder(dtype: torch.dtype) -> bool:
+    """Whether this CPU and torch build can reorder a ``dtype`` weight for oneDNN. torch's bf16 reorder
+    needs AVX512-BW/VL/DQ or AVX-NE-CONVERT and raises ``RuntimeError`` on an AVX2-only CPU (seen on an
+    AMD EPYC, family 23); there bf16 decoding keeps ``F.linear``."""
+    try:
+        _reorder(torch.ones(8, 8, dtype=dtype), 1)
+    except (RuntimeError, AttributeError):  # no such CPU support, or a build without the op
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def onednn_is_faster(out_features: int, in_features: int, rows: int, threads: int,
                      dtype: torch.dtype = torch.float32, stream_bytes: int = 64 << 20) -> bool:
     """Whether oneDNN's linear (on reordered weights for a dtype in ``REORDERED``) beats ``F.linear``
@@ -68,7 +80,7 @@ def onednn_is_faster(out_features: int, in_features: int, rows: int, threads: in
     shape totalling ``stream_bytes`` (more than a CPU cache holds), so that they stream from memory as
     a decode step's weights do: with one weight kept in cache the ranking of the MLP shapes flipped from
     run to run here. Cached per shape, thread count and dtype."""
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or (dtype in REORDERED and not can_reorder(dtype)):
         return False
     size = out_features * in_features * torch.finfo(dtype).bits // 8
     n = max(1, min(64, stream_bytes // size))
