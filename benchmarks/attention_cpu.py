@@ -1,4 +1,4 @@
-"""torch's SDPA against pg_lm's grouped attention (pg_lm.lm.lowp.grouped_attention) on this CPU.
+"""torch's SDPA against pg_lm's grouped attention (pg_lm.lm.cpu.lowp.grouped_attention) on this CPU.
 
 The shapes are SmolLM2-135M's (9 query heads over 3 K/V heads, head size 64) at the arithmetic
 task's batch (16 rows): one decode step (1 query against L keys) and the training forward of
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
-from pg_lm.lm.lowp import grouped_attention  # noqa: E402
+from pg_lm.lm.cpu.lowp import grouped_attention  # noqa: E402
 
 B, H, KV, D = 16, 9, 3, 64
 

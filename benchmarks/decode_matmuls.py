@@ -28,7 +28,7 @@ PARAMS = LAYERS * sum(o * i for o, i in SHAPES) + VOCAB * HIDDEN
 
 
 def per_step_ms(dtype, rows: int, way: str = "F.linear", repeats: int = 10) -> float:
-    from pg_lm.lm.decode_gemm import gemm
+    from pg_lm.lm.cpu.decode_gemm import gemm
 
     def linear(w):
         return (lambda x: F.linear(x, w)) if way == "F.linear" else gemm(w, None, rows)

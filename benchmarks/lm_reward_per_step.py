@@ -44,7 +44,9 @@ from _common import machine_info, write_json  # noqa: E402
 def pg_lm_rewards(conn, seed: int, steps: int, lr: float | None, output_dir: str, coupled: bool = False,
                   bf16: bool = False) -> None:
     """``lr`` None: only the prompts of ``steps`` steps are wanted, nothing is trained."""
-    import pg_lm  # noqa: F401  before torch, as a user script would
+    from pg_lm.lm.cpu.process import apply_process_settings
+
+    apply_process_settings()  # before torch allocates, as the CLI and the recipes do
 
     from _lm_setup import build_pg_lm, couple_pg_lm, pg_lm_step_prompts
 

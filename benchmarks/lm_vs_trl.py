@@ -27,8 +27,9 @@ leave-one-out). TRL's gradient checkpointing is off (pg_lm has none; it only slo
 Precision: ``--trl-bf16 auto`` runs TRL with bf16=True and bf16=False side by side for a
 few alternating steps and keeps the faster; pg_lm then uses the same (``--pg-lm-precision``).
 
-Process settings: pg_lm's process imports pg_lm first, which turns on transparent huge pages
-for torch's CPU tensors (``THP_MEM_ALLOC_ENABLE=1``) and applies its glibc malloc settings;
+Process settings: pg_lm's process applies its CPU layer's process settings first, as the CLI and
+the recipes do (``pg_lm.lm.cpu.process.apply_process_settings``: transparent huge pages for torch's
+CPU tensors, ``THP_MEM_ALLOC_ENABLE=1``, and its glibc malloc settings);
 TRL's process gets the environment as it was (``--trl-process-tuning`` gives it the same
 settings through the environment; the JSON's ``config.trl_process_env`` says which).
 
@@ -61,11 +62,11 @@ SAME = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24, tempera
             lr=1e-5, lora_r=0, kl_coef=0.0, chat_template=True, max_grad_norm=1.0, weight_decay=0.0,
             warmup_steps=0, lr_schedule="constant", ppo_epochs=1, num_minibatches=1, loss_agg="token-mean", seed=0)
 ROWS = SAME["prompts_per_step"] * SAME["samples_per_prompt"]
-# process-level settings pg_lm applies to itself (pg_lm/__init__.py, pg_lm.run.perf.tune_malloc); TRL's process
-# gets the environment as the user had it (THP read before importing pg_lm, which sets it; pg_lm sets no MALLOC_*
-# variable), or these with --trl-process-tuning
+# process-level settings pg_lm applies to itself (pg_lm.lm.cpu.process.apply_process_settings); TRL's process
+# gets the environment as the user had it (read before anything sets it; pg_lm sets no MALLOC_* variable),
+# or these with --trl-process-tuning
 _USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
-from pg_lm.run.perf import MALLOC_ENV  # noqa: E402
+from pg_lm.lm.cpu.process import MALLOC_ENV  # noqa: E402
 
 PG_LM_TUNING = {"THP_MEM_ALLOC_ENABLE": "1", **MALLOC_ENV}
 _USER_ENV = {**{k: os.environ.get(k) for k in PG_LM_TUNING}, "THP_MEM_ALLOC_ENABLE": _USER_THP}
@@ -133,7 +134,9 @@ def _pg_lm_step(trainer) -> dict:
 
 
 def pg_lm_worker(conn, overrides: dict, total_steps: int, output_dir: str) -> None:
-    import pg_lm  # noqa: F401  first, as a user script would: it sets up the allocator before torch loads
+    from pg_lm.lm.cpu.process import apply_process_settings
+
+    apply_process_settings()  # first, as the CLI and the recipes do: before torch allocates
 
     from _lm_setup import build_pg_lm, pg_lm_step_prompts
 

@@ -1,5 +1,5 @@
 """Time pg_lm's rollout (sampling 16 completions) alone at lm_vs_trl.py's configuration, decoding through
-``pg_lm.lm.decode_llama`` ("fast"), through it without its fused q|k|v and gate|up GEMMs ("unfused":
+``pg_lm.lm.cpu.decode_llama`` ("fast"), through it without its fused q|k|v and gate|up GEMMs ("unfused":
 the model's projection modules), and through the model's own forward ("model"), alternating in one process.
 
 After ``--warmup`` whole training steps, ``Trainer.rollout()`` runs ``--repeats`` times in each way, the
@@ -20,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pg_lm  # noqa: E402,F401  before torch, as a user script would
+from pg_lm.lm.cpu.process import apply_process_settings  # noqa: E402
+
+apply_process_settings()  # before torch allocates, as the CLI and the recipes do
 
 import lm_vs_trl as B  # noqa: E402
 from _common import load1, machine_info, median, write_json  # noqa: E402
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    import pg_lm.lm.decode_llama as decode_llama
+    import pg_lm.lm.cpu.decode_llama as decode_llama
     from _lm_setup import build_pg_lm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ import torch
 
 from pg_lm.lm.policy import load_policy
 from pg_lm.lm.sampling import completion_mask_from_ids, encode_prompts, eos_token_ids, sample
-from pg_lm.run.perf import tune_malloc
+from pg_lm.lm.cpu.process import apply_process_settings
 from pg_lm.tasks.arithmetic import arithmetic_datasets, exact_match
 
 PROMPTS, G, PER_CALL, NEW_TOKENS = 64, 16, 4, 24
@@ -35,13 +35,13 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a LoRA adapter saved by the arithmetic recipe, merged in")
     p.add_argument("--pg-lm-bf16-copy", action="store_true", help="pg_lm samples from a bf16 copy (its bf16 path)")
     args = p.parse_args()
-    tune_malloc()
+    apply_process_settings()
     # lora_r > 0 only selects the adapter path: the rank itself is read from the saved adapter
     policy, tok = load_policy("smollm2-135m-instruct", lora_r=8 if args.checkpoint else 0, resume_dir=args.checkpoint)
     lm = (policy.lm.merge_and_unload() if args.checkpoint else policy.lm).eval()
     ours_lm = lm
     if args.pg_lm_bf16_copy:
-        from pg_lm.lm.lowp import SamplerCopy, use_grouped_attention
+        from pg_lm.lm.cpu.lowp import SamplerCopy, use_grouped_attention
 
         ours_lm = SamplerCopy(lm, torch.bfloat16).lm
         assert use_grouped_attention(ours_lm)
@@ -53,7 +53,7 @@ def main() -> None:
     for i in range(0, PROMPTS, PER_CALL):
         ps, ans = prompts[i : i + PER_CALL], answers[i : i + PER_CALL]
         rep = [a for a in ans for _ in range(G)]
-        b = sample(ours_lm, tok, ps, {"answer": ans}, G, NEW_TOKENS)
+        b = sample(ours_lm, tok, ps, {"answer": ans}, G, NEW_TOKENS, cpu_layer=True)
         ours += exact_match(b.prompts, b.completions, b.columns["answer"])
         ids, am = encode_prompts(tok, ps, True, None)
         with torch.no_grad():

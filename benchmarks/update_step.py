@@ -23,7 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pg_lm  # noqa: E402,F401  before torch, as a user script would
+import pg_lm  # noqa: E402
+from pg_lm.lm.cpu.process import apply_process_settings  # noqa: E402
+
+apply_process_settings()  # before torch allocates, as the CLI and the recipes do
 
 import lm_vs_trl as B  # noqa: E402
 from _common import load1, machine_info, median, write_json  # noqa: E402

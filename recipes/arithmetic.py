@@ -2,7 +2,7 @@
 
 Prompts are "What is 23 + 45?"; the reward is 1 when the completion's last number is
 the sum. Held-out greedy accuracy is measured before and after training. Run with no
-arguments for the default (about 11 minutes on a 2-core CPU); every LMConfig field is
+arguments for the default (about 11 minutes on a 2-core CPU: this is ``make demo``); every LMConfig field is
 a flag (`python recipes/arithmetic.py --help`), e.g. `--estimator gae` or `--lora-r 16`.
 """
 
@@ -13,7 +13,7 @@ from pg_lm.lm.train import run_cli, train
 # The recipe's defaults (flags override them). Leave-one-out baseline over 8 samples per
 # prompt (RLOO), 16 new tokens (the evaluation's budget), LoRA r16 at lr 2e-4 with cosine
 # decay over the time budget (full fine-tuning: --lora-r 0 --lr 2e-5); bf16 autocast (fp32
-# master weights) where the hardware makes it faster. Measured choices: README "Measured results".
+# master weights) where the hardware makes it faster. Its results: README "Quickstart".
 DEFAULTS = dict(
     task="arithmetic",
     output_dir="runs/arithmetic",

@@ -1,4 +1,4 @@
-"""CartPole-v1 with PPO in a few seconds on a laptop CPU (this is ``make demo``).
+"""CartPole-v1 with PPO in a few seconds on a laptop CPU.
 
     python recipes/cartpole.py                      # the per-env defaults: 100k steps
     python recipes/cartpole.py --algo a2c --seed 1  # every `pg-lm gym` flag works here too

@@ -1,4 +1,4 @@
-"""pg_lm/lm/decode_gemm.py: while sampling on a CPU the linear layers may run oneDNN's GEMM instead
+"""pg_lm/lm/cpu/decode_gemm.py: while sampling on a CPU the linear layers may run oneDNN's GEMM instead
 of MKL's; they must give the same logits and tokens, change nothing with autograd on, and be
 restored on leaving."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pg_lm.lm import decode_gemm as dg
+from pg_lm.lm.cpu import decode_gemm as dg
 from pg_lm.lm.policy import load_policy
 from pg_lm.lm.sampling import encode_prompts, generate
 
@@ -46,11 +46,11 @@ def test_swapped_layers_give_the_same_logits_and_greedy_tokens(lm_tok, monkeypat
             assert len(_swapped(lm)) == len(linears) > 0
             got = lm(input_ids=ids, attention_mask=am).logits  # (N, P, V)
             mp.setattr(dg, "onednn_is_faster", lambda *a: False)
-            got_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+            got_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True, cpu_layer=True)
         assert not _swapped(lm)  # every class forward back
         want = lm(input_ids=ids, attention_mask=am).logits
         monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: False)
-        want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+        want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True, cpu_layer=True)
     assert calls, "the oneDNN kernel was not used"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_ids, want_ids)
@@ -61,7 +61,9 @@ def test_generate_uses_the_probe_and_restores_the_layers(lm_tok, monkeypatch):
     asked = []
     monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: asked.append(a) or True)
     ids, am = encode_prompts(tok, PROMPTS, True, None)
-    out = generate(lm, ids, am, 2, 4, [tok.eos_token_id], tok.pad_token_id)
+    plain = generate(lm, ids, am, 2, 4, [tok.eos_token_id], tok.pad_token_id)  # the plain path: no probe
+    assert plain.shape[0] == 6 and not asked
+    out = generate(lm, ids, am, 2, 4, [tok.eos_token_id], tok.pad_token_id, cpu_layer=True)
     assert out.shape[0] == 6 and asked and all(rows == 6 for _, _, rows, *_ in asked)  # the decode's row count
     assert not _swapped(lm)
 
@@ -126,7 +128,7 @@ def test_a_cpu_that_cannot_reorder_keeps_f_linear(monkeypatch):
 def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm_tok, monkeypatch):
     """The bf16 sampling copy: each linear runs oneDNN on a weight reordered into its blocked layout, once
     per block (the explicit one and generate's)."""
-    from pg_lm.lm.lowp import SamplerCopy
+    from pg_lm.lm.cpu.lowp import SamplerCopy
 
     lm, tok = lm_tok
     lm = SamplerCopy(lm, torch.bfloat16).lm
@@ -138,13 +140,13 @@ def test_bf16_layers_run_on_reordered_weights_with_the_same_logits_and_tokens(lm
         monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: True)
         with dg.decode_gemms(lm, rows=len(PROMPTS)):
             got = lm(input_ids=ids, attention_mask=am).logits.float()
-        got_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+        got_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True, cpu_layer=True)
         monkeypatch.setattr(dg, "onednn_is_faster", lambda *a: False)
         want = lm(input_ids=ids, attention_mask=am).logits.float()
-        want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+        want_ids = generate(lm, ids, am, 2, 8, [tok.eos_token_id], tok.pad_token_id, greedy=True, cpu_layer=True)
     n_linear = sum(type(m) is torch.nn.Linear for m in lm.modules())
     # each weight once in each block; generate's Llama decoder reorders q|k|v and gate|up as two weights
-    from pg_lm.lm.decode_llama import fused_projections, supports
+    from pg_lm.lm.cpu.decode_llama import fused_projections, supports
 
     fused = len(fused_projections(lm, 6)[1]) if supports(lm) else 0
     assert len(reordered) == 2 * n_linear - fused + 2 * fused // 5 > 0

@@ -1,4 +1,4 @@
-"""pg_lm/lm/decode_llama.py: the few-op Llama decode step against transformers' own forward --
+"""pg_lm/lm/cpu/decode_llama.py: the few-op Llama decode step against transformers' own forward --
 the same logits at every step under left padding, the same greedy and sampled tokens, with LoRA,
 with a scaled RoPE and in bf16; other architectures are left to their own forward."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pg_lm.lm.decode_llama import LlamaDecoder, fused_projections, supports
+from pg_lm.lm.cpu.decode_llama import LlamaDecoder, fused_projections, supports
 from pg_lm.lm.policy import kv_cache, load_policy, positions
 from pg_lm.lm.sampling import encode_prompts, generate
 
@@ -109,7 +109,7 @@ def test_generate_gives_the_same_tokens_either_way(tiny_lm_dir, greedy):
     for fast in (True, False):
         torch.manual_seed(3)  # sampling draws the same uniforms in both
         outs.append(generate(lm, ids, am, 3, 12, [tok.eos_token_id], tok.pad_token_id, greedy=greedy,
-                             fast_decode=fast))
+                             cpu_layer=fast))
     assert outs[0].shape[0] == 9 and torch.equal(outs[0], outs[1])
 
 
@@ -119,5 +119,5 @@ def test_other_architectures_decode_through_their_own_forward(tiny_gpt2_dir, mon
     made = []
     monkeypatch.setattr(LlamaDecoder, "__init__", lambda self, *a: made.append(1))
     ids, am = encode_prompts(tok, PROMPTS, True, None)
-    out = generate(policy.lm.eval(), ids, am, 2, 5, [tok.eos_token_id], tok.pad_token_id)
+    out = generate(policy.lm.eval(), ids, am, 2, 5, [tok.eos_token_id], tok.pad_token_id, cpu_layer=True)
     assert out.shape[0] == 6 and not made

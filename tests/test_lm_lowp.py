@@ -1,15 +1,18 @@
-"""Low precision on the CPU (pg_lm/lm/lowp.py): the grouped attention kernel gives SDPA's numbers
+"""Low precision on the CPU (pg_lm/lm/cpu/lowp.py): the grouped attention kernel gives SDPA's numbers
 (forward, gradients, sampling), the sampling copy is the learner's weights in bf16 after every
 update, and ``auto`` picks bf16 / the kernel as documented."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from lm_fixtures import PROMPTS as TRAIN_PROMPTS
 from lm_fixtures import make_trainer, prompt_dataset, snapshot
-from pg_lm.lm import lowp, setup
+from pg_lm.lm import setup
+from pg_lm.lm.cpu import lowp
 from pg_lm.lm.policy import load_policy
 from pg_lm.lm.sampling import encode_prompts, generate
 
@@ -108,7 +111,8 @@ def test_sampler_copy_is_the_learner_in_bf16_after_every_update(tiny_lm_dir, tmp
     assert any(not torch.equal(before[n], p) for n, p in tr.sampler.lm.named_parameters())  # it did move
     for (name, b), b_src in zip(tr.sampler.lm.named_buffers(), lm.named_buffers()):
         assert b.dtype == b_src[1].dtype, name
-    assert (tmp_path / "config.json").read_text().count('"resolved_attention": "grouped"') == 1
+    record = json.loads((tmp_path / "config.json").read_text())["cpu_layer"]
+    assert record["enabled"] and record["attention"] == "grouped" and record["sampler_copy"]
 
 
 def test_sampler_copy_under_lora_refreshes_the_adapter_only(tiny_lm_dir, tmp_path):
@@ -131,7 +135,7 @@ def test_no_copy_in_fp32_or_when_turned_off(tiny_lm_dir, tmp_path):
     assert tr.sampler is None and tr.sampling_lm()[0] is tr.acc.unwrap_model(tr.policy).lm
     assert tr.acc.unwrap_model(tr.policy).lm.config._attn_implementation == "sdpa"
     AcceleratorState._reset_state(True)
-    tr = make_trainer(tiny_lm_dir, tmp_path / "b", mixed_precision="bf16", sampler_copy=False, attention="model")
+    tr = make_trainer(tiny_lm_dir, tmp_path / "b", mixed_precision="bf16", cpu_layer="off")
     assert tr.sampler is None and tr.acc.unwrap_model(tr.policy).lm.config._attn_implementation == "sdpa"
     tr.train_step()  # samples under autocast instead
 
@@ -139,7 +143,7 @@ def test_no_copy_in_fp32_or_when_turned_off(tiny_lm_dir, tmp_path):
 def test_auto_precision_follows_the_timed_probe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for fast, want in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(setup, "cpu_bf16_is_fast", lambda fast=fast: fast)
+        monkeypatch.setattr(lowp, "cpu_bf16_is_fast", lambda fast=fast: fast)
         assert setup.resolve_precision("auto") == want
     for mode in ("no", "bf16", "fp16"):
         assert setup.resolve_precision(mode) == mode
@@ -167,10 +171,25 @@ def test_bf16_probe_decides_and_stops_early(monkeypatch, bf16_ms, want, bf16_pro
     assert calls.count(torch.bfloat16) == bf16_products and calls.count(torch.float32) == 6
 
 
-def test_auto_attention_is_grouped_on_cpu_in_low_precision_only():
-    assert setup.resolve_attention("auto", "bf16", "cpu") and setup.resolve_attention("auto", "fp16", "cpu")
-    assert not setup.resolve_attention("auto", "no", "cpu") and not setup.resolve_attention("auto", "bf16", "cuda")
-    assert setup.resolve_attention("grouped", "no", "cuda") and not setup.resolve_attention("model", "bf16", "cpu")
+def test_the_cpu_layer_runs_on_a_cpu_with_unsharded_weights_only():
+    from pg_lm.lm import cpu
+
+    assert cpu.resolve("auto", "cpu") and cpu.resolve("on", "cpu")
+    assert not cpu.resolve("auto", "cuda") and not cpu.resolve("auto", "cpu", sharded=True)
+    assert not cpu.resolve("off", "cpu") and not cpu.resolve("off", "cuda")
+    with pytest.raises(ValueError, match="--cpu-layer on needs a CPU device"):
+        cpu.resolve("on", "cuda")
+    with pytest.raises(ValueError, match="--cpu-layer on cannot run under FSDP"):
+        cpu.resolve("on", "cpu", sharded=True)
+
+
+def test_grouped_attention_and_sampling_copy_only_under_the_cpu_layer_in_low_precision(tiny_lm_dir, tmp_path):
+    """The CPU layer in fp32 decodes with its own kernels but trains on the model's attention, with no copy."""
+    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="no")
+    record = json.loads((tmp_path / "config.json").read_text())["cpu_layer"]
+    assert record == {"mode": "auto", "enabled": True, "decode": "llama", "decode_gemm": True, "attention": "model",
+                      "sampler_copy": False, "process_settings": record["process_settings"]}
+    assert tr.cpu_layer and tr.sampler is None
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])

@@ -68,15 +68,14 @@ class LMConfig:
     lora_alpha: int = arg(32, "LoRA α")
     lora_dropout: float = arg(0.0, "LoRA dropout")
     lora_target_modules: list[str] = arg(["all-linear"], "LoRA target modules (names, or all-linear)")
-    mixed_precision: str = arg("auto", "Accelerate mixed precision (fp32 master weights, fp32 log-softmax); auto = "
-                               "bf16 where bf16 matmuls are fast (a CUDA GPU with bf16; on a CPU, a matmul timed in "
-                               "both precisions at start-up), else no",
+    mixed_precision: str = arg("auto", "Accelerate mixed precision (fp32 master weights, bf16/fp16 autocast, fp32 "
+                               "log-softmax); auto = bf16 where bf16 matmuls are fast (a CUDA GPU with bf16; on a CPU, "
+                               "a matmul timed in both precisions at start-up), else no",
                                ("auto", "no", "bf16", "fp16"))
-    attention: str = arg("auto", "attention kernel: grouped = pg_lm's grouped-query matmul attention (fp32 softmax); "
-                         "model = the model's own (SDPA); auto = grouped on a CPU in bf16/fp16, where SDPA's training "
-                         "forward+backward is ~3.6x slower, else model", ("auto", "grouped", "model"))
-    sampler_copy: bool = arg(True, "in bf16/fp16, sample from a bf16/fp16 copy of the weights refreshed after every "
-                             "update (+2 bytes per parameter) instead of under autocast")
+    cpu_layer: str = arg("auto", "pg_lm/lm/cpu, the CPU speed layer (decode GEMM choice, few-op Llama decoder, grouped "
+                         "attention and a sampling copy in bf16, malloc / huge-page settings): auto = on when the "
+                         "device is a CPU and the weights are not sharded, on, or off (the plain path every device "
+                         "runs)", ("auto", "on", "off"))
     # evaluation, logging, checkpoints
     eval_every: int = arg(0, "greedy held-out evaluation every N steps (0 = only before and after)")
     eval_size: int = arg(100, "held-out prompts evaluated")

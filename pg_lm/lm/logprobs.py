@@ -5,9 +5,11 @@ for SmolLM2): ``log softmax(x)[token]`` and the entropy ``H = -sum p log p``. Wr
 torch ops (``.float()``, ``gather``, ``logsumexp``, ``log_softmax`` for the entropy) the forward
 and the backward each make several fresh (B, T, V) fp32 tensors -- the cast, the exponentials, the
 zeros that ``gather``'s backward scatters into, the sum of the two gradients, the cast back -- and
-on a CPU that memory traffic, not arithmetic, is what they cost. :func:`token_logprobs_entropy`
-works through the rows a few at a time in fp32 (a chunk stays in cache) and writes the logits'
-gradient once, in the logits' own dtype. Same numbers as the plain ops to fp32 rounding
+that memory traffic, not arithmetic, is what they cost. :func:`token_logprobs_entropy` works
+through the rows a chunk at a time in fp32 and writes the logits' gradient once, in the logits' own
+dtype. The chunk suits the device: on a CPU a few rows, so that a chunk stays in cache; on a GPU
+many (a few kernels per chunk, each over hundreds of rows), so that the loop's launches are few and
+the fp32 temporaries stay bounded whatever B x T is. Same numbers as the plain ops to fp32 rounding
 (tests/test_lm_logprobs.py checks values and gradients against them).
 
 With x = logits / temperature, lse = log sum_j exp x_j and p = softmax(x):
@@ -21,12 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_ELEMENTS = 1 << 20  # fp32 elements worked on at once: 4 MB, within a core's share of the L3 cache
+CHUNK_ELEMENTS = 1 << 20  # fp32 elements worked on at once on a CPU: 4 MB, within a core's share of the L3 cache
+GPU_CHUNK_ELEMENTS = 1 << 26  # elsewhere: 256 MB of fp32 temporaries, ~430 rows of a 150k-entry vocabulary
 
 
-def _rows(vocab: int) -> int:
-    """Rows of ``vocab`` logits per chunk."""
-    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _rows(vocab: int, device: torch.device) -> int:
+    """Rows of ``vocab`` logits per chunk on ``device``."""
+    elements = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    return max(1, elements // max(vocab, 1))
 
 
 def _fp32(rows: Tensor, temperature: float) -> Tensor:
@@ -45,7 +49,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         logp = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
         lse = torch.empty_like(logp)  # (N,)
         ent = torch.empty_like(logp)  # (N,)
-        step = _rows(V)
+        step = _rows(V, logits.device)
         for s in range(0, N, step):
             x = _fp32(logits[s : s + step], temperature)  # (n, V)
             c_lse = torch.logsumexp(x, -1)  # (n,)
@@ -67,7 +71,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         N, V = logits.shape
         t = ctx.temperature
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V), the logits' dtype
-        step = _rows(V)
+        step = _rows(V, logits.device)
         for s in range(0, N, step):
             sl = slice(s, s + step)
             y = _fp32(logits[sl], t).sub_(lse[sl, None])  # (n, V) log p

@@ -7,6 +7,7 @@ the pad id (pad often equals EOS).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -123,8 +124,8 @@ def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k:
 
 def draw(probs: Tensor) -> Tensor:
     """One token per row of (B, V) probabilities -> (B,), by inverse-CDF sampling: one
-    ``torch.rand`` uniform per row from the global generator. ``torch.multinomial`` draws an
-    exponential per vocabulary entry: 18.3 ms against ~1 ms here for (16, 49152), README "Speed notes"."""
+    ``torch.rand`` uniform per row from the device's generator (``torch.multinomial`` draws an
+    exponential per vocabulary entry, many times the work for a 50k-entry vocabulary)."""
     cdf = probs.cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
@@ -133,23 +134,27 @@ def draw(probs: Tensor) -> Tensor:
 @torch.no_grad()
 def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, fast_decode: bool = True) -> Tensor:
+             top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False) -> Tensor:
     """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids.
 
-    Each prompt is encoded once; its KV cache is repeated for its G samples. Rows that
-    have emitted EOS are filled with ``pad_id``; decoding stops when every row has. On a CPU
-    each fp32 or bf16 linear layer runs the faster of two GEMMs here (``decode_gemm``). A Llama
-    decodes in fewer ops with a preallocated cache (``decode_llama``; ``fast_decode=False``: the
-    model's own forward at every step).
+    Each prompt is encoded once by the model's forward; its KV cache is repeated for its G
+    samples, and each step is one forward of the new tokens on that cache (device-agnostic: the
+    model's own attention, SDPA / flash attention on a GPU). Rows that have emitted EOS are filled
+    with ``pad_id``; decoding stops when every row has. ``cpu_layer``: on a CPU, each linear layer
+    runs the faster of two GEMMs (``cpu.decode_gemm``) and a Llama decodes in fewer ops with a
+    preallocated cache (``cpu.decode_llama``); the same tokens.
     """
-    from .decode_gemm import decode_gemms
-    from .decode_llama import LlamaDecoder, fused_projections, supports
     from .policy import kv_cache, positions
 
     rows = prompt_ids.shape[0] * num_samples
-    fast_decode = fast_decode and supports(lm)
-    projections, fused = fused_projections(lm, rows) if fast_decode else (None, [])
-    with decode_gemms(lm, rows, skip=fused):
+    fast, decode_gemms, projections, fused = False, None, None, []
+    if cpu_layer:
+        from .cpu.decode_gemm import decode_gemms
+        from .cpu.decode_llama import LlamaDecoder, fused_projections, supports
+
+        fast = supports(lm)
+        projections, fused = fused_projections(lm, rows) if fast else (None, [])
+    with decode_gemms(lm, rows, skip=fused) if decode_gemms else nullcontext():
         pos = positions(prompt_mask)  # (N, P)
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
                  logits_to_keep=1)
@@ -160,7 +165,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
         next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
         eos = torch.tensor(eos_ids, device=prompt_ids.device)
         done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
-        decoder = LlamaDecoder(lm, cache, am, max_new_tokens, projections) if fast_decode else None
+        decoder = LlamaDecoder(lm, cache, am, max_new_tokens, projections) if fast else None
         tokens = []
         for t in range(max_new_tokens):
             tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
@@ -193,14 +198,16 @@ def sample(
     greedy: bool = False,
     chat_template: bool = True,
     max_prompt_length: int | None = None,
+    cpu_layer: bool = False,
 ) -> Rollout:
-    """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM."""
+    """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM with its
+    full weights; ``cpu_layer``: decode with pg_lm/lm/cpu (:func:`generate`)."""
     device = next(lm.parameters()).device
     ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length)
     ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)
     comp = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,
-                    temperature, top_p, top_k)  # (B, T)
+                    temperature, top_p, top_k, cpu_layer)  # (B, T)
     mask, truncated = completion_mask_from_ids(comp, eos)
     T = max(int(mask.sum(1).max()), 1)  # trim columns that are padding in every row
     comp, mask = comp[:, :T], mask[:, :T]

@@ -1,15 +1,19 @@
 """Building a trainer's parts: accelerator, policy (+LoRA, +value head), reference, optimizer, writer.
 
-Accelerate places everything. On a machine without a GPU, ``Accelerator(cpu=True)``
-is required: under ``accelerate launch`` / ``torchrun`` a plain ``Accelerator()``
-there silently runs independent single-process jobs instead of one gloo group.
+Accelerate places everything: one device, DDP, FSDP2 or DeepSpeed, as ``accelerate launch``
+configures it (``configs/accelerate/``). :func:`plan` checks the launch against the config before
+any model is loaded. On a machine without a GPU, ``Accelerator(cpu=True)`` is required: under
+``accelerate launch`` / ``torchrun`` a plain ``Accelerator()`` there silently runs independent
+single-process jobs instead of one gloo group.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -21,39 +25,98 @@ if torch.distributed.is_available():
     import torch.distributed.nn.functional  # noqa: F401
 
 from pg_lm.run import RunWriter, to_dict
-from pg_lm.run.perf import tune_malloc
 
+from . import cpu
 from .checkpoint import checkpoint_dir, load_trainer_state, recover_checkpoint, trim_logs
-from .lowp import SamplerCopy, cpu_bf16_is_fast, use_grouped_attention
 from .policy import load_policy
 
 
-def make_accelerator(cfg):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where and how a run executes, decided before any model is loaded."""
+
+    device_type: str  # "cuda" or "cpu"
+    sharding: str | None  # "fsdp" (FSDP2) or "deepspeed" when ``accelerate launch`` asked for it, else None
+    cpu_layer: bool  # whether pg_lm/lm/cpu runs (cpu.resolve)
+
+
+def plan(cfg) -> Plan:
+    """The run's device, sharding and CPU layer; a combination that cannot run is a ``ValueError``
+    naming the flag (the CLI prints it in one line and exits 2)."""
+    cuda = torch.cuda.is_available()
+    device_type = "cuda" if cuda else "cpu"
+    sharding = "fsdp" if _env_flag("ACCELERATE_USE_FSDP") else "deepspeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else None
+    if cfg.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16 or no")
+    if cfg.mixed_precision == "fp16" and not cuda:
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    if sharding == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("pg_lm runs FSDP version 2 only: set fsdp_version: 2 in the Accelerate config "
+                         "(configs/accelerate/fsdp2.yaml)")
+    if sharding == "deepspeed" and not cuda:
+        raise ValueError("DeepSpeed needs a CUDA GPU; on a CPU launch with configs/accelerate/cpu_ddp.yaml")
+    rows = cfg.prompts_per_step * cfg.samples_per_prompt // cfg.num_minibatches
+    if sharding == "deepspeed" and (cfg.micro_batch_size or rows) < rows:
+        raise ValueError("--micro-batch-size: gradient accumulation over micro-batches is not supported under "
+                         "DeepSpeed (its engine steps at every backward); leave it unset")
+    if sharding == "deepspeed" and cfg.resume:
+        raise ValueError("--resume is not supported under DeepSpeed (its optimizer state is not saved); "
+                         "launch with configs/accelerate/fsdp2.yaml or ddp.yaml to resume")
+    return Plan(device_type, sharding, cpu.resolve(cfg.cpu_layer, device_type, sharded=sharding is not None))
+
+
+def make_accelerator(cfg, run: Plan):
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
 
     kw = {}
     if cfg.report_to != "none":
         kw.update(log_with=cfg.report_to, project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=f"{cfg.output_dir}/logs"))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(cfg.mixed_precision), **kw)
+    precision = resolve_precision(cfg.mixed_precision)
+    plugin = FullyShardedDataParallelPlugin() if run.sharding == "fsdp" else None  # read from the launch's env
+    acc = Accelerator(cpu=run.device_type == "cpu", mixed_precision=precision, fsdp_plugin=plugin, **kw)
+    if plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate turns an FSDP launch on CPUs into plain DDP over gloo; FSDP2 itself runs there
+        # (fully_shard over gloo), so the state is set to what the launch asked for
+        if precision != "no":
+            plugin.set_mixed_precision(precision)
+        acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    if run.sharding == "deepspeed":  # what a DeepSpeed config would otherwise read from a dataloader
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.prompts_per_step * cfg.samples_per_prompt // cfg.num_minibatches
+        ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
+        ds["gradient_accumulation_steps"] = 1
+    return acc
 
 
 def resolve_precision(mode: str) -> str:
     """``auto`` -> ``bf16`` only where bf16 matmuls are fast: a CUDA GPU with bf16, or a CPU where
-    a bf16 matmul, timed at start-up, takes under 0.6 of the fp32 one (``lowp.cpu_bf16_is_fast``:
-    4-5x faster on an AMD EPYC with AVX512-BF16; half as fast on an Intel Xeon with AVX512-BF16
-    but no AMX)."""
+    a bf16 matmul, timed at start-up, takes under 0.6 of the fp32 one (``cpu.lowp.cpu_bf16_is_fast``:
+    the CPU's feature flags do not tell)."""
     if mode != "auto":
         return mode
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    from .cpu.lowp import cpu_bf16_is_fast
+
     return "bf16" if cpu_bf16_is_fast() else "no"
 
 
-def resolve_attention(mode: str, mixed_precision: str, device) -> bool:
-    """Whether to run :func:`lowp.grouped_attention`: ``grouped``, or ``auto`` on a CPU in bf16/fp16."""
-    return mode == "grouped" or (mode == "auto" and torch.device(device).type == "cpu"
-                                 and mixed_precision in ("bf16", "fp16"))
+def cpu_layer_record(mode: str, run: Plan, lm, grouped: bool, sampler) -> dict:
+    """What of the CPU layer runs (``config.json``'s ``cpu_layer``, with the flag's ``mode``)."""
+    from .cpu.decode_llama import supports
+    from .cpu.process import applied
+
+    on = run.cpu_layer
+    return {"mode": mode, "enabled": on, "decode": "llama" if on and supports(lm) else "model", "decode_gemm": on,
+            "attention": "grouped" if grouped else "model", "sampler_copy": sampler is not None,
+            "process_settings": applied()}
 
 
 def _optimizer(params, cfg):
@@ -83,8 +146,9 @@ def build(trainer) -> None:
     from accelerate.utils import set_seed
 
     cfg = trainer.cfg
-    tune_malloc()
-    trainer.acc = acc = make_accelerator(cfg)
+    run = plan(cfg)  # before any model is loaded: a launch that cannot run fails here
+    trainer.cpu_layer = run.cpu_layer
+    trainer.acc = acc = make_accelerator(cfg, run)
     set_seed(cfg.seed + acc.process_index, device_specific=False)
     if cfg.resume and acc.is_main_process:
         recover_checkpoint(cfg.output_dir)
@@ -97,7 +161,12 @@ def build(trainer) -> None:
         lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
         resume_dir=str(resume) if resume else None,
     )
-    grouped = resolve_attention(cfg.attention, acc.mixed_precision, acc.device) and use_grouped_attention(policy.lm)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+    grouped = False
+    if run.cpu_layer and low is not None:
+        from .cpu.lowp import use_grouped_attention
+
+        grouped = use_grouped_attention(policy.lm)
     trainer.ref = None
     if (cfg.kl_coef > 0) and cfg.lora_r == 0:  # LoRA uses the base with the adapter disabled instead
         # the reference is the model the run started from: a resumed policy is not it
@@ -105,27 +174,32 @@ def build(trainer) -> None:
         ref.value_head = None
         ref.requires_grad_(False)
         trainer.ref = acc.prepare_model(ref.eval(), evaluation_mode=True)
-    trainer.params = [p for p in policy.parameters() if p.requires_grad]
-    opt = _optimizer(trainer.params, cfg)
+    opt = _optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda _: lr_factor(cfg.lr_schedule, trainer.progress(), trainer.step, cfg.warmup_steps))
+    # one call: FSDP2 shards the model and points the optimizer at the sharded parameters together
     trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
+    trainer.params = [p for p in trainer.policy.parameters() if p.requires_grad]  # (FSDP2: the sharded ones)
     trainer.resumed_summary, trainer.prior_wall_s = {}, 0.0
     if resume is not None:
         load_trainer_state(trainer, resume)
         if acc.is_main_process:  # rows logged after the checkpoint describe steps that are redone now
             trim_logs(cfg.output_dir, trainer.step)
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-    # made after the weights are final (resumed): sampling and evaluation read it (Trainer.sampling_lm)
-    trainer.sampler = SamplerCopy(acc.unwrap_model(trainer.policy).lm, low) if low and cfg.sampler_copy else None
-    # each parameter's name in the (possibly DDP-wrapped) policy, for forwards that take weights from the copy
-    trainer._param_names = {id(p): n for n, p in trainer.policy.named_parameters(remove_duplicate=False)}
+    trainer.sampler = None
+    if run.cpu_layer and low is not None:
+        from .cpu.lowp import SamplerCopy
+
+        # made after the weights are final (resumed): sampling and evaluation read it (Trainer.sampling_lm)
+        trainer.sampler = SamplerCopy(acc.unwrap_model(trainer.policy).lm, low)
+        # each parameter's name in the (possibly DDP-wrapped) policy, for forwards that take weights from the copy
+        trainer._param_names = {id(p): n for n, p in trainer.policy.named_parameters(remove_duplicate=False)}
     trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
                                trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
     if cfg.report_to != "none":
         acc.init_trackers("pg_lm", config={k: str(v) for k, v in to_dict(cfg).items()})
     trainer.writer.write_json("config.json", {**to_dict(cfg), "num_processes": acc.num_processes,
+                                              "distributed_type": str(acc.distributed_type).split(".")[-1],
                                               "resolved_mixed_precision": acc.mixed_precision,
-                                              "resolved_attention": "grouped" if grouped else "model"})
+                                              "cpu_layer": cpu_layer_record(cfg.cpu_layer, run, policy.lm, grouped, trainer.sampler)})
     t0 = time.perf_counter()
     trainer.elapsed = lambda: time.perf_counter() - t0 + trainer.prior_wall_s

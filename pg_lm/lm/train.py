@@ -26,9 +26,15 @@ def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None,
 
 
 def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
-    """Parse flags into an LMConfig, call ``fn(cfg)``; user errors become one line on stderr, exit 2."""
+    """Parse flags into an LMConfig, check the launch, apply the CPU layer's process settings when
+    it runs, call ``fn(cfg)``; user errors become one line on stderr, exit 2."""
     cfg = parse_config(LMConfig, argv, prog=prog, **defaults)
     try:
+        from .cpu.process import apply_process_settings
+        from .setup import plan
+
+        if plan(cfg).cpu_layer:  # before any model is loaded: a launch that cannot run stops here
+            apply_process_settings()
         fn(cfg)
     except (ValueError, RewardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ models running on other processes, off-policy corrections for stale rollouts.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -32,7 +32,35 @@ def _whole_groups(rows: Tensor, G: int) -> bool:
     if G == 1 or len(rows) % G:
         return G == 1
     g = rows.view(-1, G)
-    return bool((g[:, 0] % G == 0).all() and (g == g[:, :1] + torch.arange(G)).all())
+    return bool((g[:, 0] % G == 0).all() and (g == g[:, :1] + torch.arange(G, device=rows.device)).all())
+
+
+@contextmanager
+def full_weights(model):
+    """Every FSDP2-sharded module of ``model`` with its whole weights for the duration: all-gathered
+    once and kept through every forward (no re-sharding after each), resharded on leaving. Sampling
+    then runs the model's forward as on one device, with no collective per decode step, so the
+    processes may decode different numbers of steps. Without FSDP2, nothing to do."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+    if not sharded:
+        yield
+        return
+    # whether each module reshards after its forward (FSDP2 keeps no public getter for it)
+    before = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+              for m in sharded]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, reshard in zip(sharded, before):
+            m.reshard()
+            m.set_reshard_after_forward(reshard, recurse=False)
 
 
 class Trainer:
@@ -98,13 +126,20 @@ class Trainer:
             return self._forward(batch, grad=False)[0]
 
     def sampling_lm(self):
-        """(the causal LM to sample from, a function making the context to sample in): the bf16/fp16
-        copy with no autocast (``cfg.sampler_copy``), else the policy's own LM under autocast. A
-        function, not a context: ``Accelerator.autocast()`` is a generator context that can be
-        entered only once, and evaluation samples in several chunks."""
+        """(the causal LM to sample from, a function making the context to sample in): under the CPU
+        layer in bf16/fp16 its sampling copy, with no autocast; else the policy's own LM under
+        autocast, with its whole weights (:func:`full_weights`, for FSDP2). A function, not a
+        context: ``Accelerator.autocast()`` is a generator context that can be entered only once,
+        and evaluation samples in several chunks."""
         if self.sampler is not None:
             return self.sampler.lm, nullcontext
-        return self.acc.unwrap_model(self.policy).lm, self.acc.autocast
+
+        @contextmanager
+        def context():
+            with full_weights(self.policy), self.acc.autocast():
+                yield
+
+        return self.acc.unwrap_model(self.policy).lm, context
 
     def rollout(self) -> tuple[Rollout, dict]:
         cfg = self.cfg
@@ -115,7 +150,7 @@ class Trainer:
         with context():
             batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
-                           max_prompt_length=cfg.max_prompt_length)
+                           max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer)
         gen_s = time.perf_counter() - t0
         mask = batch.completion_mask
         per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
@@ -209,7 +244,7 @@ class Trainer:
         trained = 0
         self.policy.train()
         for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B) if cfg.num_minibatches > 1 else torch.arange(B)
+            order = torch.randperm(B, device=adv.device) if cfg.num_minibatches > 1 else torch.arange(B, device=adv.device)
             for m in range(cfg.num_minibatches):
                 rows = order[m * mb_rows : (m + 1) * mb_rows]
                 # global denominators: identical loss whatever the micro-batch / process split
@@ -244,7 +279,8 @@ class Trainer:
                         p.grad = torch.zeros_like(p)
                 if cfg.max_grad_norm is not None:
                     gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    totals["policy/grad_norm"] = float(gn)
+                    if gn is not None:  # (DeepSpeed clips inside its engine and returns None)
+                        totals["policy/grad_norm"] = float(gn)
                 self.opt.step()
                 if self.sampler is not None:  # the copy now lags the weights until the refresh below
                     self.sampler.current = False

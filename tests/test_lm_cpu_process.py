@@ -1,4 +1,5 @@
-"""Process-level speed settings: glibc malloc tuning and huge pages for torch's CPU tensors."""
+"""The CPU layer's process settings (pg_lm/lm/cpu/process.py): glibc malloc tuning and huge pages for
+torch's CPU tensors, applied by an explicit call (the CLI and the recipes make it), never at import."""
 
 import subprocess
 import sys
@@ -6,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from pg_lm.run.perf import tune_malloc
+from pg_lm.lm.cpu.process import tune_malloc
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 # allocate and touch a 64 MB tensor, then report the process's anonymous huge-page memory (kB)
 PROBE = """
 import os, sys
-if sys.argv[1] == "pg_lm":
-    import pg_lm  # noqa: F401
 import torch
+import pg_lm.lm  # noqa: F401  importing changes nothing
+if sys.argv[1] == "apply":
+    from pg_lm.lm.cpu.process import apply_process_settings
+    apply_process_settings()  # after torch's import, before its first CPU allocation
 x = torch.empty(64 << 20, dtype=torch.uint8)
 x.fill_(1)
 kb = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0].split()[1]
@@ -36,12 +39,14 @@ def _probe(first: str, env_thp: str | None) -> tuple[str, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
                     reason="needs Linux with transparent huge pages available (madvise or always)")
-def test_importing_pg_lm_first_backs_large_tensors_with_huge_pages():
-    value, kb = _probe("pg_lm", None)
+def test_process_settings_back_large_tensors_with_huge_pages_and_importing_does_not():
+    value, kb = _probe("apply", None)
     assert value == "1" and kb >= 32 << 10  # most of the 64 MB tensor sits on 2 MB pages
+    value, kb = _probe("import", None)
+    assert value == "None"  # no side effect at import
     if "[madvise]" in THP.read_text():  # then torch alone does not ask for them, and a user's "0" is respected
-        assert _probe("torch", None)[1] < 32 << 10
-        value, kb = _probe("pg_lm", "0")
+        assert kb < 32 << 10
+        value, kb = _probe("apply", "0")
         assert value == "0" and kb < 32 << 10
 
 
@@ -59,7 +64,7 @@ def test_tune_malloc_applies_once_on_linux_glibc():
 # (the heap is still growing then; it can grow a little later too, so no single round is judged)
 REUSE = """
 import resource, torch
-from pg_lm.run.perf import tune_malloc
+from pg_lm.lm.cpu.process import tune_malloc
 print(tune_malloc(), end=" ")
 faults, out = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
 for _ in range(8):

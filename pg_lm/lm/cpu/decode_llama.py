@@ -7,15 +7,14 @@ re-concatenated every step, mask construction); SmolLM2-135M has 30 layers. This
 same computation with fewer ops:
 
 * q/k/v are one GEMM on their concatenated weights, and gate/up another, where they are plain
-  ``nn.Linear`` layers (:func:`fused_projections`; the same numbers, bit for bit here, in 4 GEMMs a
-  layer instead of 7: the body's GEMMs took 17.3 ms a step for SmolLM2 at 16 rows, against 22.3 ms);
-  q and k are rotated together;
+  ``nn.Linear`` layers (:func:`fused_projections`; the same numbers in 4 GEMMs a layer instead
+  of 7); q and k are rotated together;
 * the KV cache is allocated once for the whole completion and written in place;
 * the attention mask is built once (left padding and the not-yet-written slots), then sliced;
 * rotary embedding as ``x cos + roll(x) sin'`` (sin' carries rotate_half's sign), one step's
   (cos, sin) from the model's own rotary module, so RoPE scaling variants stay the model's;
-* grouped-query attention without repeating K/V, in fp32 (faster than bf16 here at these shapes)
-  on a cache in the model's dtype;
+* grouped-query attention without repeating K/V, in fp32 (at decode shapes a CPU's fp32 batched
+  matmul beats its bf16 one) on a cache in the model's dtype;
 * RMSNorm through ``torch.rms_norm`` (normalised in fp32, as the model does).
 
 Other projections are the model's own modules (so LoRA adapters and ``decode_gemm``'s kernels
@@ -101,10 +100,8 @@ class LlamaDecoder:
 
     ``cache``: the prompt's KV cache from the model's forward, already repeated to B rows;
     ``prompt_mask`` (B, P): 1 on real prompt tokens; room for ``max_new_tokens`` more. The cache is
-    kept in the model's dtype (as the model's own cache is) and the attention computed in fp32: at
-    these shapes (16 rows, 3 K/V heads of 64, ~50 keys) a bf16 batched matmul took 94 us on this CPU
-    against 38 us in fp32, and for SmolLM2's 30 layers, out of cache as in a decode step, attention
-    on a bf16 cache cast to fp32 took 5.5 ms a step against 7.1 ms on an fp32 cache.
+    kept in the model's dtype (as the model's own cache is: half the memory traffic in bf16) and
+    the attention computed in fp32 (faster than a bf16 batched matmul at these small shapes).
     """
 
     def __init__(self, lm: nn.Module, cache, prompt_mask: Tensor, max_new_tokens: int, projections=None):

@@ -1,27 +1,16 @@
 """The linear layers while decoding on a CPU: the faster of two GEMMs for each weight shape.
 
 Decoding multiplies a few rows (B = prompts x samples) by every weight of the model at every
-step, a shape where the GEMM libraries torch carries differ. torch sends ``F.linear`` to MKL (fp32)
-or to oneDNN on the weight as it is laid out (bf16); the other candidate is oneDNN's
-``torch.ops.mkldnn._linear_pointwise``, in bf16 on a weight reordered once into oneDNN's own
-blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's freezing pass does).
-At 16 rows, SmolLM2-135M's weights, 30 to 60 distinct weights per shape so that they stream from
-memory as in a decode step, best of 5, per call:
-
-    weight (out x in)   fp32, AVX2-only AMD EPYC    bf16, AMD EPYC with AVX512-BF16
-                        MKL       oneDNN            F.linear   oneDNN, reordered weight
-    49152 x 576         36.4 ms   20.5 ms           5,190 us   3,023 us   the vocabulary projection
-    1536 x 576          909 us    757 us            216 us     116 us     MLP gate / up
-    576 x 1536          784 us    649 us            160 us     115 us     MLP down
-    576 x 576           320 us    321 us            87 us      58 us      attention q / o
-    192 x 576           106 us    173 us            44 us      28 us      attention k / v
-
-and other CPUs may rank them otherwise. :func:`decode_gemms` times both once per process for
-each weight shape and dtype at the batch's row count (~1 s in all for SmolLM2, the first time) and
-makes each ``nn.Linear`` of the model use the faster while sampling. fp32 results agree to float
-rounding (~1e-6 relative); bf16 ones were bit-identical here. The reordered weights are made on
-entering the block (~50 ms for SmolLM2, 2 bytes per parameter while it lasts). Gradients never go through the swapped kernel: it
-is used only with autograd off, and the layers are restored on leaving the block.
+step, a shape where the GEMM libraries torch carries differ, and rank differently from CPU to
+CPU. torch sends ``F.linear`` to MKL (fp32) or to oneDNN on the weight as it is laid out (bf16);
+the other candidate is oneDNN's ``torch.ops.mkldnn._linear_pointwise``, in bf16 on a weight
+reordered once into oneDNN's own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
+what inductor's freezing pass does). :func:`decode_gemms` times both once per process for each
+weight shape, dtype and row count (:func:`onednn_is_faster`) and makes each ``nn.Linear`` of the
+model use the faster while sampling. fp32 results agree to float rounding (~1e-6 relative); the
+reordered weights are made on entering the block (2 bytes per parameter while it lasts).
+Gradients never go through the swapped kernel: it is used only with autograd off, and the layers
+are restored on leaving the block. Figures per CPU: ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -63,8 +52,8 @@ def _seconds(fn, x: Tensor, weights: list[Tensor], repeats: int = 3) -> float:
 @functools.lru_cache(maxsize=None)
 def can_reorder(dtype: torch.dtype) -> bool:
     """Whether this CPU and torch build can reorder a ``dtype`` weight for oneDNN. torch's bf16 reorder
-    needs AVX512-BW/VL/DQ or AVX-NE-CONVERT and raises ``RuntimeError`` on an AVX2-only CPU (seen on an
-    AMD EPYC, family 23); there bf16 decoding keeps ``F.linear``."""
+    needs AVX512-BW/VL/DQ or AVX-NE-CONVERT and raises ``RuntimeError`` on an AVX2-only CPU; there bf16
+    decoding keeps ``F.linear``."""
     try:
         _reorder(torch.ones(8, 8, dtype=dtype), 1)
     except (RuntimeError, AttributeError):  # no such CPU support, or a build without the op
@@ -78,8 +67,8 @@ def onednn_is_faster(out_features: int, in_features: int, rows: int, threads: in
     """Whether oneDNN's linear (on reordered weights for a dtype in ``REORDERED``) beats ``F.linear``
     for (rows, in) @ (in, out) in ``dtype`` on this CPU. Each is timed over distinct weights of that
     shape totalling ``stream_bytes`` (more than a CPU cache holds), so that they stream from memory as
-    a decode step's weights do: with one weight kept in cache the ranking of the MLP shapes flipped from
-    run to run here. Cached per shape, thread count and dtype."""
+    a decode step's weights do (with one weight kept in cache the ranking of some shapes is unstable).
+    Cached per shape, thread count and dtype."""
     if not torch.backends.mkldnn.is_available() or (dtype in REORDERED and not can_reorder(dtype)):
         return False
     size = out_features * in_features * torch.finfo(dtype).bits // 8

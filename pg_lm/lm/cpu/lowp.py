@@ -1,15 +1,13 @@
 """Low precision (bf16 / fp16) on the CPU: when to use it, an attention kernel for it, a sampling copy.
 
 * :func:`cpu_bf16_is_fast` times one matmul in both precisions: the CPU feature flags do not
-  tell. On an AMD EPYC with AVX512-BF16 (no AMX) bf16 matmuls ran 4-5x faster than fp32; on
-  an Intel Xeon with AVX512-BF16 but no AMX, at half the fp32 rate; on an AVX2-only AMD EPYC
-  (no bf16 instructions at all) ~80x slower.
+  tell (with AVX512-BF16 a CPU may run bf16 matmuls several times faster than fp32, or slower;
+  without it bf16 is emulated, ~80x slower).
 * :func:`grouped_attention` is the model's attention as two batched matmuls with the query
-  heads of a key/value head grouped (no repeated K/V) and the softmax in fp32. On this CPU in
-  bf16, at the arithmetic task's shapes, transformers' SDPA path took 8.0 ms per training
-  forward+backward against 2.2 ms for this, and 117-157 us per decode call against 79-91 us
-  (``benchmarks/attention_cpu.py``).
-  Registered with transformers' ``AttentionInterface`` as ``"pg_lm_grouped"``.
+  heads of a key/value head grouped (no repeated K/V) and the softmax in fp32: on a CPU in bf16
+  at an RL step's small shapes, several times faster than transformers' SDPA path for a training
+  forward and backward (``benchmarks/attention_cpu.py``). Registered with transformers'
+  ``AttentionInterface`` as ``"pg_lm_grouped"``.
 * :class:`SamplerCopy`: the policy's LM with its parameters in bf16 / fp16 (buffers, such as
   rotary frequencies, stay fp32), refreshed at the end of each update. Sampling from it runs
   pure low-precision matmuls instead of autocast's casts of every activation (and, under
@@ -40,10 +38,9 @@ def cpu_bf16_is_fast(size: int = 512, repeats: int = 5) -> bool:
     fp32 one: the best of ``repeats`` fp32 products against up to ``repeats`` bf16 ones, the first
     under the limit deciding. Cached for the process.
 
-    ~20 ms where bf16 is fast. Where it is emulated (an AVX2-only AMD EPYC: 1.3 GFLOP/s in bf16
-    against ~100 in fp32, one product ~0.8 s) the probe stops at the first bf16 product that is
-    over 20x the fp32 one, before any warm-up (kernel selection costs less), or at the
-    first timed one over 4x the limit."""
+    Where bf16 is emulated one product takes about a second, so the probe stops at the first
+    bf16 product that is over 20x the fp32 one, before any warm-up (kernel selection costs
+    less), or at the first timed one over 4x the limit."""
     def operands(dtype):
         return torch.randn(size, 2 * size, dtype=dtype), torch.randn(2 * size, 2 * size, dtype=dtype)
 
@@ -129,7 +126,7 @@ class SamplerCopy:
 
     :meth:`refresh` copies the trainable parameters (the frozen ones do not change) from
     ``lm``; the trainer calls it at the end of every update. Costs ``dtype``'s bytes per
-    parameter of memory and one cast of the trainable weights per step (~30 ms for 135M).
+    parameter of memory and one cast of the trainable weights per step .
 
     While the copy is current (``current``: the trainer sets it False after each optimizer step, and
     :meth:`refresh` back to True), the update's forward can take its linear weights from it
