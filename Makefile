@@ -1,12 +1,12 @@
 # Quickstart: `make demo` and `make test` work on a fresh machine: each creates .venv
-# if missing and installs what it needs (torch pinned to the local CPU build).
+# if missing and installs what it needs (torch pinned; the wheel pip picks for this machine).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pg_lm-installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow bench setup clean
+.PHONY: demo test test-slow test-gpu bench setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# the tests marked gpu (skipped without CUDA), then the step benchmark on the GPU
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -rs
+	$(PY) benchmarks/gpu_step.py --output runs/bench/gpu_step.json
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]' $(TORCH)

@@ -3,6 +3,8 @@ global batch, whatever the number of processes and micro-batch size.
 
     torchrun --standalone --nproc_per_node 2 tests/dist_grad_worker.py MODEL_DIR OUT_DIR [--train]
     python tests/dist_grad_worker.py MODEL_DIR OUT_DIR          # one process, the whole batch
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 \
+        tests/dist_grad_worker.py MODEL_DIR OUT_DIR --train [--resume]     # FSDP2 (gloo on a CPU)
 
 The global batch has 8 rows (4 prompts x G = 2, prompts of different lengths, completions
 of lengths 1..8) and fixed advantages / returns. Process ``rank`` of ``world`` takes the
@@ -11,7 +13,8 @@ replaced by a function that copies every trainable parameter's gradient, so noth
 and each case sees the same weights. Rank 0 writes ``OUT_DIR/grads_<world>.pt``:
 ``{case: {param name: grad}}``. With ``--train`` it then runs one real training step with
 a held-out evaluation of 1 prompt (fewer prompts than processes) and writes
-``OUT_DIR/run/summary.json``, and each rank writes the names of its threads after training to
+``OUT_DIR/run/summary.json`` and its checkpoint; ``--resume`` continues that run for a step.
+Each rank writes the names of its threads after training to
 ``OUT_DIR/threads_<rank>.json`` (Linux; ``null`` elsewhere): gloo's must be gone (``Trainer.end``).
 """
 
@@ -75,7 +78,15 @@ def global_batch(pad_id: int):
     return batch, adv, returns
 
 
-def make_trainer(model_dir: str, output_dir: str, **kw):
+def _zero(prompts, completions, **_):
+    return [0.0] * len(completions)
+
+
+def _length(prompts, completions, **_):  # varies within a group: the training runs move the weights
+    return [float(len(c)) for c in completions]
+
+
+def make_trainer(model_dir: str, output_dir: str, reward=_zero, **kw):
     from datasets import Dataset
 
     from pg_lm.lm import LMConfig
@@ -84,7 +95,7 @@ def make_trainer(model_dir: str, output_dir: str, **kw):
     kw = {"prompts_per_step": 4, "samples_per_prompt": G, "max_new_tokens": T, "max_grad_norm": None, "lr": 1e-3,
           "progress": False, "mixed_precision": "no", **kw}  # fp32: auto picks bf16 on some CPUs
     cfg = LMConfig(model=model_dir, output_dir=output_dir, **kw)
-    return Trainer(cfg, [lambda prompts, completions, **_: [0.0] * len(completions)],
+    return Trainer(cfg, [reward],
                    Dataset.from_dict({"prompt": ["a", "bb", "ccc", "dddd"]}))
 
 
@@ -100,7 +111,9 @@ def gradients(trainer, cases: dict, with_returns: bool) -> dict:
     adv, returns = adv.to(acc.device), returns.to(acc.device)
     named = [(n, p) for n, p in acc.unwrap_model(trainer.policy).named_parameters() if p.requires_grad]
     captured: dict = {}
-    trainer.opt.step = lambda *a, **k: captured.update({n: p.grad.detach().cpu().clone() for n, p in named})
+    # FSDP2: each process holds a shard of each gradient (a DTensor); full_tensor() gathers it on all
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
+    trainer.opt.step = lambda *a, **k: captured.update({n: full(p.grad.detach()).cpu().clone() for n, p in named})
     base, out = trainer.cfg, {}
     for case, overrides in cases.items():
         overrides = dict(overrides)
@@ -117,6 +130,16 @@ def gradients(trainer, cases: dict, with_returns: bool) -> dict:
     return out
 
 
+def resume(model_dir: str, out_dir: str) -> None:
+    """Continue ``OUT_DIR/run`` (saved by a ``--train`` launch) for one more step."""
+    from datasets import Dataset
+
+    run = make_trainer(model_dir, str(Path(out_dir) / "run"), _length, max_steps=2, eval_size=1, max_new_tokens=4,
+                       eval_max_new_tokens=3, resume=True)
+    run.eval_ds = Dataset.from_dict({"prompt": ["x", "yy", "zzz"]})
+    run.train()
+
+
 def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
     out = Path(out_dir)
     tr = make_trainer(model_dir, str(out / "grad_run"))
@@ -131,8 +154,8 @@ def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
 
         del tr  # the gradient trainers' DDP wrappers hold the process group: run.end() must be able to free it
         gc.collect()
-        run = make_trainer(model_dir, str(out / "run"), max_steps=1, eval_size=1, save_model=False,
-                           max_new_tokens=4, eval_max_new_tokens=3)
+        run = make_trainer(model_dir, str(out / "run"), _length, max_steps=1, eval_size=1, max_new_tokens=4,
+                           eval_max_new_tokens=3)
         run.eval_ds = Dataset.from_dict({"prompt": ["x", "yy", "zzz"]})
         run.train()
         (out / f"threads_{run.acc.process_index}.json").write_text(json.dumps(thread_names()))
@@ -149,4 +172,7 @@ def thread_names() -> list[str] | None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(args[0], args[1], train="--train" in sys.argv)
+    if "--resume" in sys.argv:
+        resume(args[0], args[1])
+    else:
+        main(args[0], args[1], train="--train" in sys.argv)

@@ -24,18 +24,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_two_processes(model_dir: str, out_dir: Path) -> None:
+def run_two_processes(model_dir: str, out_dir: Path, launcher: list[str], *flags: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).with_name("dist_grad_worker.py")), model_dir, str(out_dir), "--train"]
+    cmd = [*launcher, str(Path(__file__).with_name("dist_grad_worker.py")), model_dir, str(out_dir), *flags]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
-def test_gradients_match_across_processes_and_micro_batches(tiny_lm_dir, tmp_path):
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# the shipped config, as a user launches it; on a machine without a GPU pg_lm runs FSDP2 over gloo
+FSDP2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2"]
+
+
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_gradients_match_across_processes_and_micro_batches(tiny_lm_dir, tmp_path, launch):
     (tmp_path / "two").mkdir()
-    run_two_processes(tiny_lm_dir, tmp_path / "two")
+    run_two_processes(tiny_lm_dir, tmp_path / "two", TORCHRUN if launch == "ddp" else FSDP2, "--train")
     two = torch.load(tmp_path / "two" / "grads_2.pt")
     one = worker.main(tiny_lm_dir, str(tmp_path / "one"))  # one process, the whole batch, in this process
     assert set(one) == set(two) == set(worker.CASES) | set(worker.GAE_CASES)
@@ -57,11 +63,27 @@ def test_gradients_match_across_processes_and_micro_batches(tiny_lm_dir, tmp_pat
     run = tmp_path / "two" / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["train/steps"] == 1
-    assert json.loads((run / "config.json").read_text())["num_processes"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["num_processes"] == 2 and config["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp2": "FSDP"}[launch]
+    assert not config["cpu_layer"]["enabled"] or launch == "ddp"  # the CPU layer needs whole weights
     assert {"eval/reward_before", "eval/reward_after"} <= set(summary)
     # ... and ended with the process group freed: gloo's worker threads (pt_gloo_runloop, gloo_tcp_loop) left
     # alive into interpreter exit made 8 of 112 runs abort there (Trainer.end)
-    for rank in (0, 1):
+    for rank in (0, 1) if launch == "ddp" else ():  # (FSDP2's sharded parameters keep their group to the end)
         names = json.loads((tmp_path / "two" / f"threads_{rank}.json").read_text())
         if names is not None:
             assert not [n for n in names if "gloo" in n], (rank, names)
+
+    # its checkpoint holds the whole model (FSDP2: gathered from both shards) and the whole optimizer state
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(run / "checkpoint-last")
+    start = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    moved = [n for n, p in saved.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert moved and all(torch.isfinite(p).all() for p in saved.parameters())
+    state = torch.load(run / "checkpoint-last" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1 and len(state["optimizer"]["state"]) == sum(1 for _ in start.parameters())
+    if launch == "fsdp2":  # ... and a second launch resumes from it, sharding it again
+        run_two_processes(tiny_lm_dir, tmp_path / "two", FSDP2, "--resume")
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["train/steps"] == 2 and summary["train/steps_this_run"] == 1

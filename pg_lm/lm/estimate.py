@@ -83,5 +83,5 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     """``1 - Var(R - V) / Var(R)`` over real tokens (1 = perfect critic, <= 0 = useless)."""
     m = mask.bool()
     r, v = returns[m], values[m]
-    var = r.var() if r.numel() > 1 else torch.tensor(0.0)
+    var = r.var() if r.numel() > 1 else torch.tensor(0.0, device=r.device)
     return float("nan") if var == 0 else float(1 - (r - v).var() / var)

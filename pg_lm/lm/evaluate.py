@@ -20,17 +20,18 @@ def evaluate(trainer, dataset) -> dict:
     # a key list built from the rows seen would make the all-reduce below mismatch and hang
     per_key = {f"eval/{name}": name for name in trainer.rewards.names if name != "reward"}  # "reward" is the total
     sums = dict.fromkeys(["eval/reward", *per_key], 0.0)
-    for i in range(0, len(rows), cfg.eval_batch_size):
-        chunk = rows.select(range(i, min(i + cfg.eval_batch_size, len(rows))))
-        cols = {c: chunk[c] for c in chunk.column_names if c != "prompt"}
-        with context():  # a fresh context per chunk: Accelerator.autocast() can be entered only once
+    with context():  # entered on every process, even one with no rows: under FSDP2 it gathers the weights
+        for i in range(0, len(rows), cfg.eval_batch_size):
+            chunk = rows.select(range(i, min(i + cfg.eval_batch_size, len(rows))))
+            cols = {c: chunk[c] for c in chunk.column_names if c != "prompt"}
             batch = sample(lm, trainer.tok, chunk["prompt"], cols, 1, cfg.eval_max_new_tokens, greedy=True,
                            chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length,
                            cpu_layer=trainer.cpu_layer)
-        per_fn, dense = trainer.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
-        sums["eval/reward"] += float(dense.sum())
-        for key, name in per_key.items():
-            sums[key] += float(per_fn[name].sum())
+            per_fn, dense = trainer.rewards.score(batch.prompts, batch.completions, batch.columns,
+                                                  batch.lengths.tolist())
+            sums["eval/reward"] += float(dense.sum())
+            for key, name in per_key.items():
+                sums[key] += float(per_fn[name].sum())
     keys = list(sums)
     total = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), "sum")
     return {k: float(v) / max(n, 1) for k, v in zip(keys, total.tolist())}

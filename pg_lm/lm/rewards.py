@@ -69,14 +69,14 @@ def call_reward(fn, prompts: list[str], completions: list[str], columns: dict, l
     if len(out) != len(completions):
         raise RewardError(f"reward function {name!r} returned {len(out)} values for {len(completions)} completions")
     T = max(max(lengths, default=1), 1)
-    dense = torch.zeros(len(out), T)
+    dense = torch.zeros(len(out), T)  # host: built from Python numbers; the trainer moves it to its device
     for i, (x, n) in enumerate(zip(out, lengths)):
         if _is_per_token(x):
             vals = [_check_number(name, i, v, completions[i]) for v in (x if isinstance(x, (list, tuple)) else x.tolist())]
             if len(vals) != n:
                 raise RewardError(f"reward function {name!r} returned {len(vals)} per-token rewards for "
                                   f"sample {i}, which has {n} completion tokens")
-            dense[i, :n] = torch.tensor(vals)
+            dense[i, :n] = torch.tensor(vals)  # host: into the host tensor above
         else:
             dense[i, max(n - 1, 0)] = _check_number(name, i, x, completions[i])
     return dense

@@ -97,7 +97,8 @@ class Trainer:
         idx = []
         for k in range(start, start + per):
             epoch, pos = divmod(k, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+            perm = torch.randperm(n, generator=g)  # host: read back as ints, the same on every process
             idx.append(int(perm[pos]))
         rows = self.train_ds.select(idx)
         cols = {c: rows[c] for c in rows.column_names if c != "prompt"}
@@ -129,8 +130,7 @@ class Trainer:
         """(the causal LM to sample from, a function making the context to sample in): under the CPU
         layer in bf16/fp16 its sampling copy, with no autocast; else the policy's own LM under
         autocast, with its whole weights (:func:`full_weights`, for FSDP2). A function, not a
-        context: ``Accelerator.autocast()`` is a generator context that can be entered only once,
-        and evaluation samples in several chunks."""
+        context: ``Accelerator.autocast()`` is a generator context that can be entered only once."""
         if self.sampler is not None:
             return self.sampler.lm, nullcontext
 
