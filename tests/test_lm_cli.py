@@ -72,3 +72,34 @@ def test_cli_trains_the_tiny_model(tiny_lm_dir, tmp_path, capsys):
                  "--save-model", "false"])
     assert code == 0
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoint-last").exists()
+
+
+@pytest.mark.parametrize("argv, env, cuda, bf16, fragment", [
+    (["--cpu-layer", "on"], {}, True, True, "--cpu-layer on needs a CPU device, but this run's device is cuda"),
+    (["--mixed-precision", "bf16"], {}, True, False, "--mixed-precision bf16: this GPU has no bf16 support"),
+    (["--mixed-precision", "fp16"], {}, False, False, "--mixed-precision fp16 needs a CUDA GPU"),
+    ([], {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, False, False, "pg_lm runs FSDP version 2 only"),
+    (["--cpu-layer", "on"], {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, False,
+     "--cpu-layer on cannot run under FSDP"),
+    ([], {"ACCELERATE_USE_DEEPSPEED": "true"}, False, False, "DeepSpeed needs a CUDA GPU"),
+    (["--micro-batch-size", "4"], {"ACCELERATE_USE_DEEPSPEED": "true"}, True, True,
+     "--micro-batch-size: gradient accumulation over micro-batches is not supported under DeepSpeed"),
+    (["--resume"], {"ACCELERATE_USE_DEEPSPEED": "true"}, True, True, "--resume is not supported under DeepSpeed"),
+])
+def test_a_launch_that_cannot_run_exits_2_before_loading_a_model(argv, env, cuda, bf16, fragment, capsys, monkeypatch,
+                                                                 tmp_path):
+    """Device, precision, sharding and CPU-layer combinations are checked before any model is loaded (the
+    device's answers are faked: these run on any machine)."""
+    import torch
+
+    import pg_lm.lm.setup as setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(setup, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = main(["lm", "--output-dir", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and fragment in err, err

@@ -2,8 +2,10 @@
 depend on how the batch is split into processes or micro-batches (veRL #5625, TRL #5619).
 
 ``dist_grad_worker.py`` computes the gradient of ``Trainer.update`` on a fixed 8-row batch
-(completion lengths 1..8): under ``torchrun --nproc_per_node 2`` (4 rows per process, DDP
-over gloo) and here in one process on all 8 rows, each with whole-batch and micro-batches.
+(completion lengths 1..8): launched with the shipped Accelerate configs on 2 CPU processes (4 rows
+each; ``cpu_ddp.yaml``: DDP over gloo, ``fsdp2.yaml``: FSDP2 over gloo) and here in one process on
+all 8 rows, each with whole-batch and micro-batches. The launch also trains, checkpoints and (FSDP2)
+resumes a run.
 """
 
 from __future__ import annotations
@@ -32,16 +34,20 @@ def run_two_processes(model_dir: str, out_dir: Path, launcher: list[str], *flags
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# the shipped config, as a user launches it; on a machine without a GPU pg_lm runs FSDP2 over gloo
-FSDP2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2"]
+def launcher(config: str) -> list[str]:
+    """``accelerate launch`` with a shipped config, as a user runs it (2 processes)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / config), "--num_processes", "2"]
+
+
+CPU_DDP = launcher("cpu_ddp.yaml")
+FSDP2 = launcher("fsdp2.yaml")  # on a machine without a GPU pg_lm runs FSDP2 over gloo
 
 
 @pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
 def test_gradients_match_across_processes_and_micro_batches(tiny_lm_dir, tmp_path, launch):
     (tmp_path / "two").mkdir()
-    run_two_processes(tiny_lm_dir, tmp_path / "two", TORCHRUN if launch == "ddp" else FSDP2, "--train")
+    run_two_processes(tiny_lm_dir, tmp_path / "two", CPU_DDP if launch == "ddp" else FSDP2, "--train")
     two = torch.load(tmp_path / "two" / "grads_2.pt")
     one = worker.main(tiny_lm_dir, str(tmp_path / "one"))  # one process, the whole batch, in this process
     assert set(one) == set(two) == set(worker.CASES) | set(worker.GAE_CASES)
