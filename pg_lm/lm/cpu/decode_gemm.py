@@ -105,7 +105,7 @@ def gemm(weight: Tensor, bias: Tensor | None, rows: int) -> Callable[[Tensor], T
 
 def _onednn_forward(layer: nn.Linear, rows: int):
     w, b = layer.weight, layer.bias
-    fast = gemm(w, b, rows)  # made afresh for each block, ~50 ms for SmolLM2 (see gemm)
+    fast = gemm(w, b, rows)  # made afresh for each block (see gemm)
 
     def forward(x: Tensor) -> Tensor:
         if x.dtype != w.dtype or torch.is_grad_enabled():  # e.g. under autocast: as before

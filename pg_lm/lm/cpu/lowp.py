@@ -126,7 +126,7 @@ class SamplerCopy:
 
     :meth:`refresh` copies the trainable parameters (the frozen ones do not change) from
     ``lm``; the trainer calls it at the end of every update. Costs ``dtype``'s bytes per
-    parameter of memory and one cast of the trainable weights per step .
+    parameter of memory and one cast of the trainable weights per step.
 
     While the copy is current (``current``: the trainer sets it False after each optimizer step, and
     :meth:`refresh` back to True), the update's forward can take its linear weights from it
