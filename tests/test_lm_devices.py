@@ -1,5 +1,5 @@
 """Every tensor the trainer creates is born on a device: a factory call (``torch.zeros``, ``torch.arange``,
-``torch.randperm``, ...) in ``pg_lm/lm`` outside the CPU layer names ``device=``, or says on its line that it
+``torch.randperm``, ...) in ``pg_lm/lm`` outside the CPU layer, and in ``pg_lm/core``, names ``device=``, or says on its line that it
 is host-side on purpose (``# host:``, e.g. a seeded prompt permutation read back as Python ints). On a CPU
 a forgotten device cannot fail; on a GPU it fails (a CPU index into a CUDA tensor) or copies every step.
 The GPU tests (tests/test_gpu.py) run the paths themselves on CUDA."""
@@ -10,6 +10,7 @@ import ast
 from pathlib import Path
 
 LM = Path(__file__).resolve().parents[1] / "pg_lm" / "lm"
+CORE = LM.parent / "core"
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "randperm", "rand", "randn", "randint", "tensor",
              "linspace", "eye", "as_tensor"}
 
@@ -33,7 +34,7 @@ def test_the_check_finds_a_factory_without_a_device():
 
 
 def test_factories_in_the_lm_backend_name_their_device():
-    files = [p for p in LM.rglob("*.py") if "cpu" not in p.relative_to(LM).parts]
+    files = [p for p in LM.rglob("*.py") if "cpu" not in p.relative_to(LM).parts] + list(CORE.rglob("*.py"))
     assert len(files) > 10
     offenders = [f"{p.relative_to(LM.parents[1])}:{line}: {call}" for p in files
                  for line, call in factory_calls_without_device(p.read_text())]

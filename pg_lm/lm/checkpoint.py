@@ -4,10 +4,11 @@
 under LoRA), the tokenizer, ``value_head.pt`` when there is a value head, and
 ``trainer_state.pt`` (step, optimizer, scheduler, KL coefficient, summary so far).
 It is written to a temporary folder and swapped in, so a run that dies mid-save
-keeps the previous checkpoint. Under FSDP2 every process takes part in gathering the full model
-and optimizer state; the main process writes them, so a checkpoint reads the same whatever the
-launch (and resumes under any other). Under DeepSpeed the optimizer state is its engine's, sharded
-and not saved here: its checkpoints hold the model, and ``--resume`` is refused at start-up.
+keeps the previous checkpoint. Under FSDP2 every process takes part in gathering the full
+model and optimizer state and the main process writes them: the model is an ordinary Hugging
+Face checkpoint, and the optimizer state (keyed by parameter name) resumes under FSDP2. Under
+DeepSpeed the optimizer state is its engine's, sharded and not saved here: its checkpoints hold
+the model, and ``--resume`` is refused at start-up.
 """
 
 from __future__ import annotations
