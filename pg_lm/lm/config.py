@@ -127,6 +127,11 @@ class LMConfig:
             raise ValueError(f"--micro-batch-size must be > 0, got {self.micro_batch_size}")
 
     @property
+    def minibatch_rows(self) -> int:
+        """Rows (sequences) per optimizer step on each process."""
+        return self.prompts_per_step * self.samples_per_prompt // self.num_minibatches
+
+    @property
     def uses_value_head(self) -> bool:
         return self.estimator == "gae" or self.baseline == "value"
 

@@ -59,8 +59,7 @@ def plan(cfg) -> Plan:
                          "(configs/accelerate/fsdp2.yaml)")
     if sharding == "deepspeed" and not cuda:
         raise ValueError("DeepSpeed needs a CUDA GPU; on a CPU launch with configs/accelerate/cpu_ddp.yaml")
-    rows = cfg.prompts_per_step * cfg.samples_per_prompt // cfg.num_minibatches
-    if sharding == "deepspeed" and (cfg.micro_batch_size or rows) < rows:
+    if sharding == "deepspeed" and (cfg.micro_batch_size or cfg.minibatch_rows) < cfg.minibatch_rows:
         raise ValueError("--micro-batch-size: gradient accumulation over micro-batches is not supported under "
                          "DeepSpeed (its engine steps at every backward); leave it unset")
     if sharding == "deepspeed" and cfg.resume:
@@ -89,7 +88,7 @@ def make_accelerator(cfg, run: Plan):
         acc.state.fsdp_plugin = plugin
     if run.sharding == "deepspeed":  # what a DeepSpeed config would otherwise read from a dataloader
         ds = acc.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = cfg.prompts_per_step * cfg.samples_per_prompt // cfg.num_minibatches
+        ds["train_micro_batch_size_per_gpu"] = cfg.minibatch_rows
         ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
         ds["gradient_accumulation_steps"] = 1
     return acc
