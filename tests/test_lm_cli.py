@@ -103,3 +103,38 @@ def test_a_launch_that_cannot_run_exits_2_before_loading_a_model(argv, env, cuda
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().count("\n") == 0 and fragment in err, err
+
+
+def test_config_file_values_are_typed_like_flags(tmp_path):
+    """YAML reads ``1e-5`` as a string and ``2`` as an int: both become the field's float."""
+    from pg_lm.lm import LMConfig
+    from pg_lm.run import parse_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-5\nkl_coef: 2\nmax_steps: '7'\nchat_template: 'false'\nclip_low: null\n"
+                    "lora_target_modules: [q_proj, v_proj]\n")
+    cfg = parse_config(LMConfig, ["--config", str(path)])
+    assert cfg.lr == 1e-5 and isinstance(cfg.lr, float) and cfg.kl_coef == 2.0 and isinstance(cfg.kl_coef, float)
+    assert cfg.max_steps == 7 and cfg.chat_template is False and cfg.clip_low is None
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("max_steps: ten\n", "max_steps in {path} must be int, got 'ten'"),
+    ("max_steps: true\n", "max_steps in {path} must be int, got True"),
+    ("lr: [1, 2]\n", "lr in {path} must be float, got [1, 2]"),
+    ("max_stepz: 3\n", "unknown field(s) in {path}: max_stepz; valid fields: model, task,"),
+])
+def test_a_bad_config_file_value_is_one_line_naming_the_key(text, fragment, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    code, err = exit_code_and_stderr(["lm", "--config", str(path)], capsys)
+    assert code not in (0, None) and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and fragment.format(path=path) in err, err
+
+
+def test_an_unknown_model_is_one_line_naming_the_default(tmp_path, capsys):
+    code = main(["lm", "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
+    assert "is neither a local folder with a model, a .gguf file" in err and "'smollm2-135m-instruct'" in err

@@ -127,7 +127,13 @@ def load_policy(
     path = resolve_model(model_name)
     if resume_dir is not None and lora_r == 0:
         path = resume_dir  # a full checkpoint replaces the base weights
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # not a folder, not in the Hugging Face cache, not downloadable
+        raise FileNotFoundError(
+            f"--model {model_name!r} is neither a local folder with a model, a .gguf file, nor a model in the "
+            f"local Hugging Face cache or on the Hub ({type(e).__name__}); the embedded default is "
+            f"'smollm2-135m-instruct'") from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -83,14 +83,43 @@ def load_file(path: str | Path) -> dict:
     return yaml.safe_load(text) or {}
 
 
+def _typed(cls: type, values: dict, source: str) -> dict:
+    """``values`` (as a YAML / JSON file gives them) converted to the field types of ``cls``, as the
+    flags are: YAML reads ``1e-5`` as a string and ``2`` as an int where a float is wanted. A value
+    that is not of its field's type is a ``ValueError`` naming the key and the type."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        tp, is_list = _base_type(hints[key])
+
+        def one(x):
+            if x is None or tp is Any:
+                return x
+            if isinstance(x, str) and tp is not str:
+                return _none_or(_parse_bool if tp is bool else tp)(x)
+            if tp is float and isinstance(x, int) and not isinstance(x, bool):
+                return float(x)
+            if not isinstance(x, tp) or (tp is int and isinstance(x, bool)):
+                raise TypeError
+            return x
+
+        try:
+            out[key] = [one(x) for x in value] if is_list and isinstance(value, list) else one(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            kind = f"a list of {tp.__name__}" if is_list else getattr(tp, "__name__", str(tp))
+            raise ValueError(f"{key} in {source} must be {kind}, got {value!r}") from None
+    return out
+
+
 def from_dict(cls: type[C], values: dict, source: str = "config") -> C:
-    """Build ``cls`` from a dict; an unknown key is a clear error."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Build ``cls`` from a dict (a config file's values are converted to the field types); an
+    unknown key is a clear error listing the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
     clean = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(clean) - names)
+    unknown = sorted(set(clean) - set(names))
     if unknown:
-        raise SystemExit(f"error: unknown field(s) in {source}: {', '.join(unknown)}")
-    return cls(**clean)
+        raise ValueError(f"unknown field(s) in {source}: {', '.join(unknown)}; valid fields: {', '.join(names)}")
+    return cls(**_typed(cls, clean, source))
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None = None, **defaults: Any) -> C:
