@@ -130,14 +130,21 @@ def gradients(trainer, cases: dict, with_returns: bool) -> dict:
     return out
 
 
-def resume(model_dir: str, out_dir: str) -> None:
-    """Continue ``OUT_DIR/run`` (saved by a ``--train`` launch) for one more step."""
+def train_run(model_dir: str, out_dir: str, **kw):
+    """``OUT_DIR/run``: steps of real training (``kw``: max_steps, resume), with a 1-prompt held-out
+    evaluation (fewer prompts than processes); returns the trainer after ``train()``."""
     from datasets import Dataset
 
-    run = make_trainer(model_dir, str(Path(out_dir) / "run"), _length, max_steps=2, eval_size=1, max_new_tokens=4,
-                       eval_max_new_tokens=3, resume=True)
+    run = make_trainer(model_dir, str(Path(out_dir) / "run"), _length, eval_size=1, max_new_tokens=4,
+                       eval_max_new_tokens=3, **kw)
     run.eval_ds = Dataset.from_dict({"prompt": ["x", "yy", "zzz"]})
     run.train()
+    return run
+
+
+def resume(model_dir: str, out_dir: str) -> None:
+    """Continue ``OUT_DIR/run`` (saved by a ``--train`` launch) for one more step."""
+    train_run(model_dir, out_dir, max_steps=2, resume=True)
 
 
 def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
@@ -150,14 +157,9 @@ def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
     if tr.acc.is_main_process:
         torch.save(grads, out / f"grads_{world}.pt")
     if train:
-        from datasets import Dataset
-
         del tr  # the gradient trainers' DDP wrappers hold the process group: run.end() must be able to free it
         gc.collect()
-        run = make_trainer(model_dir, str(out / "run"), _length, max_steps=1, eval_size=1, max_new_tokens=4,
-                           eval_max_new_tokens=3)
-        run.eval_ds = Dataset.from_dict({"prompt": ["x", "yy", "zzz"]})
-        run.train()
+        run = train_run(model_dir, out_dir, max_steps=1)
         (out / f"threads_{run.acc.process_index}.json").write_text(json.dumps(thread_names()))
     return grads
 
