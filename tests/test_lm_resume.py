@@ -153,10 +153,24 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_lm_dir, tmp_pat
 
 
 def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_lm_dir, tmp_path):
-    """A save swaps folders with two renames; dying between them leaves only checkpoint-last.old."""
-    make_trainer(tiny_lm_dir, tmp_path, max_steps=1, lr=1e-2).train()
-    (tmp_path / "checkpoint-last").rename(tmp_path / "checkpoint-last.old")
-    resumed = make_trainer(tiny_lm_dir, tmp_path, max_steps=2, resume=True, lr=1e-2)
+    """A save renames checkpoint-last to checkpoint-<its step>, then the sealed new folder to
+    checkpoint-last; dying between the two leaves no checkpoint-last: the older one is used."""
+    make_trainer(tiny_lm_dir, tmp_path, max_steps=2, save_every=1, lr=1e-2).train()
+    (tmp_path / "checkpoint-last").rename(tmp_path / "checkpoint-last.tmp")
+    resumed = make_trainer(tiny_lm_dir, tmp_path, max_steps=3, resume=True, lr=1e-2)
     assert resumed.step == 1
-    assert resumed.train()["train/steps"] == 2
-    assert state(tmp_path)["step"] == 2 and not (tmp_path / "checkpoint-last.old").exists()
+    assert resumed.train()["train/steps"] == 3
+    assert state(tmp_path)["step"] == 3 and not (tmp_path / "checkpoint-last.tmp").exists()
+
+
+def test_checkpoints_are_rotated_and_a_corrupt_one_is_skipped(tiny_lm_dir, tmp_path):
+    make_trainer(tiny_lm_dir, tmp_path, max_steps=3, save_every=1, lr=1e-2).train()  # --save-total-limit 2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-last"]
+    with open(tmp_path / "checkpoint-last" / "model.safetensors", "r+b") as f:  # one flipped byte
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.warns(UserWarning, match="model.safetensors does not match its checksum"):
+        resumed = make_trainer(tiny_lm_dir, tmp_path, max_steps=4, resume=True, lr=1e-2)
+    assert resumed.step == 2

@@ -1,38 +1,30 @@
-"""Checkpoints in Hugging Face format plus the trainer state that ``--resume`` needs.
+"""Checkpoints in Hugging Face format plus everything ``--resume`` needs to continue the same run.
 
-``output_dir/checkpoint-last/`` holds the model (``save_pretrained``: the adapter alone
-under LoRA), the tokenizer, ``value_head.pt`` when there is a value head, and
-``trainer_state.pt`` (step, optimizer, scheduler, KL coefficient, summary so far).
-It is written to a temporary folder and swapped in, so a run that dies mid-save
-keeps the previous checkpoint. Under FSDP2 every process takes part in gathering the full
-model and optimizer state and the main process writes them: the model is an ordinary Hugging
-Face checkpoint, and the optimizer state (keyed by parameter name) resumes under FSDP2. Under
-DeepSpeed the optimizer state is its engine's, sharded and not saved here: its checkpoints hold
-the model, and ``--resume`` is refused at start-up.
+A checkpoint folder (``checkpoint-last/``, older ones ``checkpoint-<step>/``; see
+:mod:`pg_lm.run.checkpoints`: sealed with checksums, rotated to ``--save-total-limit``) holds
+the model (``save_pretrained``: the adapter alone under LoRA), the tokenizer,
+``value_head.pt`` when there is a value head, and ``trainer_state.pt``: step, optimizer,
+scheduler, KL coefficient, the count of skipped updates, the time spent, the summary so far
+and every process's random generators. The prompt order is a function of the seed and the
+step, so the step is the data position. A run resumed from it draws the same prompts, samples
+the same completions and ends with the same weights as the run that was never stopped.
+
+Under FSDP2 every process takes part in gathering the full model and optimizer state and the
+main process writes them: the model is an ordinary Hugging Face checkpoint, and the optimizer
+state (keyed by parameter name) resumes under FSDP2. Under DeepSpeed the optimizer state is its
+engine's, sharded and not saved here: its checkpoints hold the model, and ``--resume`` is
+refused at start-up.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import warnings
 from pathlib import Path
 
 import torch
 
-CHECKPOINT = "checkpoint-last"
-
-
-def checkpoint_dir(output_dir: str) -> Path:
-    return Path(output_dir) / CHECKPOINT
-
-
-def recover_checkpoint(output_dir: str) -> Path:
-    """``checkpoint-last``, put back from ``checkpoint-last.old`` when a save died between its
-    two renames (the previous checkpoint is whole there). Call on the main process only."""
-    final = checkpoint_dir(output_dir)
-    old = final.with_name(CHECKPOINT + ".old")
-    if not final.exists() and (old / "trainer_state.pt").exists():
-        old.rename(final)
-    return final
+from pg_lm.run.checkpoints import commit, find_resumable, rng_state, set_rng_state
 
 
 def _fsdp(acc) -> bool:
@@ -63,36 +55,79 @@ def _part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _all_rng_states(acc) -> list[dict]:
+    """Every process's random generators, in rank order (a collective: call it on all)."""
+    if acc.num_processes == 1:
+        return [rng_state()]
+    from accelerate.utils import gather_object
+
+    return gather_object([rng_state()])
+
+
+def nonfinite_weight(model) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all():  # (FSDP2: this process's shard)
+            return name
+    return None
+
+
 def save_checkpoint(trainer, summary: dict) -> Path:
-    acc = trainer.acc
-    final = checkpoint_dir(trainer.cfg.output_dir)
+    """Write the trainer's state as the newest checkpoint; every process must call it. Weights
+    holding a NaN or inf are never written (``ValueError`` naming the parameter)."""
+    acc, cfg = trainer.acc, trainer.cfg
     acc.wait_for_everyone()
+    bad = nonfinite_weight(trainer.policy)
+    if acc.num_processes > 1:  # every process agrees, so none waits in a collective the others skip
+        from accelerate.utils import gather_object
+
+        bad = next((b for b in gather_object([bad]) if b), None)
+    if bad is not None:
+        raise ValueError(f"not saving step {trainer.step}: parameter {bad} holds a non-finite value")
     full = acc.get_state_dict(trainer.policy) if _fsdp(acc) else None  # collective: every process gathers
     optimizer = _optimizer_state(trainer)
-    if acc.is_main_process:
-        tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
+    rng = _all_rng_states(acc)
+    out = Path(cfg.output_dir) / "checkpoint-last"
+
+    def write(folder: Path) -> None:
         policy = acc.unwrap_model(trainer.policy)
         kw = {} if full is None else {"state_dict": _part(full, "lm.")}
-        policy.lm.save_pretrained(tmp, safe_serialization=True, **kw)
-        trainer.tok.save_pretrained(tmp)
+        policy.lm.save_pretrained(folder, safe_serialization=True, **kw)
+        trainer.tok.save_pretrained(folder)
         if policy.value_head is not None:
             head = policy.value_head.state_dict() if full is None else _part(full, "value_head.")
-            torch.save(head, tmp / "value_head.pt")
+            torch.save(head, folder / "value_head.pt")
         state = {"step": trainer.step, "optimizer": optimizer, "scheduler": trainer.sched.state_dict(),
-                 "kl_coef": trainer.kl_coef, "summary": summary, "wall_s": trainer.elapsed()}
-        torch.save(state, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+                 "kl_coef": trainer.kl_coef, "skipped_steps": trainer.skipped_steps, "summary": summary,
+                 "wall_s": trainer.elapsed(), "rng": rng}
+        torch.save(state, folder / "trainer_state.pt")
+
+    if acc.is_main_process:
+        out = commit(cfg.output_dir, trainer.step, write, cfg.save_total_limit)
     acc.wait_for_everyone()
-    return final
+    return out
+
+
+def resumable(acc, output_dir: str) -> Path:
+    """The newest intact checkpoint in ``output_dir``, chosen by the main process for all
+    (``FileNotFoundError`` when there is none)."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [None]
+    if acc.is_main_process:
+        try:
+            found = [str(find_resumable(output_dir))]
+        except FileNotFoundError as e:
+            found = [e]
+    if acc.num_processes > 1:
+        broadcast_object_list(found)
+    if isinstance(found[0], Exception):
+        raise found[0]
+    return Path(found[0])
 
 
 def load_trainer_state(trainer, path: Path) -> None:
-    """Restore step, optimizer, scheduler and KL coefficient from ``path/trainer_state.pt``."""
+    """Restore everything but the weights (loaded with the model) from ``path/trainer_state.pt``."""
     state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
     trainer.step = state["step"]
     if _fsdp(trainer.acc):
@@ -104,15 +139,21 @@ def load_trainer_state(trainer, path: Path) -> None:
         trainer.opt.load_state_dict(state["optimizer"])
     trainer.sched.load_state_dict(state["scheduler"])
     trainer.kl_coef = state["kl_coef"]
+    trainer.skipped_steps = state.get("skipped_steps", 0)
     trainer.resumed_summary = state.get("summary", {})
     trainer.prior_wall_s = state.get("wall_s", 0.0)
+    rngs, rank = state.get("rng"), trainer.acc.process_index
+    if rngs is not None and len(rngs) == trainer.acc.num_processes:
+        set_rng_state(rngs[rank])
+    elif rank == 0:
+        warnings.warn(f"--resume: the checkpoint was saved by {len(rngs or [])} processes, this run has "
+                      f"{trainer.acc.num_processes}: random generators are reseeded, so sampling differs "
+                      "from the run that was stopped", stacklevel=2)
 
 
 def trim_logs(output_dir: str, step: int) -> None:
     """Drop ``metrics.jsonl`` / ``samples.jsonl`` rows after ``step`` (written by a run that died
     before its next checkpoint): a resumed run redoes those steps and logs them again."""
-    import json
-
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = Path(output_dir) / name
         if not path.exists():

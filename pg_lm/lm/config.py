@@ -26,7 +26,9 @@ class LMConfig:
     prompts_per_step: int = arg(4, "prompts per step per process")
     samples_per_prompt: int = arg(4, "G: completions sampled per prompt")
     max_new_tokens: int = arg(24, "completion token limit during training")
-    max_prompt_length: int = arg(512, "prompts longer than this (in tokens, after the chat template) are an error")
+    max_prompt_length: int = arg(512, "prompt token limit (after the chat template); see --long-prompts")
+    long_prompts: str = arg("error", "prompts over --max-prompt-length, all found before the first step: stop with their "
+                            "count, keep their last tokens, or leave them out", ("error", "truncate-left", "drop"))
     temperature: float = arg(1.0, "sampling temperature (the policy's log-probs use the same temperature)")
     top_p: float = arg(1.0, "nucleus sampling threshold")
     top_k: int = arg(0, "top-k sampling (0 = off)")
@@ -85,7 +87,11 @@ class LMConfig:
     samples_every: int = arg(10, "write samples.jsonl rows every N steps")
     save_every: int = arg(0, "checkpoint every N steps (0 = only at the end)")
     save_model: bool = arg(True, "write the final checkpoint")
-    resume: bool = arg(False, "continue from output_dir/checkpoint-last")
+    save_total_limit: int | None = arg(2, "checkpoints kept (checkpoint-last and the newest checkpoint-<step>; None = all)")
+    resume: bool = arg(False, "continue the same run from output_dir's newest intact checkpoint")
+    # failures
+    max_bad_steps: int = arg(3, "stop after this many updates in a row skipped for a non-finite value")
+    reward_timeout: float | None = arg(None, "seconds a reward function may take on one batch (None = no limit)")
     report_to: str = arg("none", "extra tracker through Accelerate", ("none", "tensorboard", "wandb"))
     progress: bool = arg(True, "show a progress bar")
 
@@ -94,7 +100,7 @@ class LMConfig:
             self.clip_high = self.clip_low
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
                     "num_minibatches", "eval_max_new_tokens", "eval_batch_size", "log_every", "max_prompt_length",
-                    "samples_every", "kl_horizon")  # samples_every / kl_horizon divide
+                    "samples_every", "kl_horizon", "max_bad_steps")  # samples_every / kl_horizon divide
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -123,6 +129,9 @@ class LMConfig:
         rows = self.prompts_per_step * self.samples_per_prompt
         if rows % self.num_minibatches:
             raise ValueError(f"{rows} rows per step do not split into --num-minibatches {self.num_minibatches}")
+        for name in ("save_total_limit", "reward_timeout"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 (or None for no limit), got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ValueError(f"--micro-batch-size must be > 0, got {self.micro_batch_size}")
 

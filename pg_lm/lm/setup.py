@@ -27,7 +27,7 @@ if torch.distributed.is_available():
 from pg_lm.run import RunWriter, to_dict
 
 from . import cpu
-from .checkpoint import checkpoint_dir, load_trainer_state, recover_checkpoint, trim_logs
+from .checkpoint import load_trainer_state, resumable, trim_logs
 from .policy import load_policy
 
 
@@ -149,12 +149,7 @@ def build(trainer) -> None:
     trainer.cpu_layer = run.cpu_layer
     trainer.acc = acc = make_accelerator(cfg, run)
     set_seed(cfg.seed + acc.process_index, device_specific=False)
-    if cfg.resume and acc.is_main_process:
-        recover_checkpoint(cfg.output_dir)
-    acc.wait_for_everyone()
-    resume = checkpoint_dir(cfg.output_dir) if cfg.resume else None
-    if resume is not None and not (resume / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {resume}")
+    resume = resumable(acc, cfg.output_dir) if cfg.resume else None  # the newest intact checkpoint
     policy, trainer.tok = load_policy(
         cfg.model, value_head=cfg.uses_value_head, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
@@ -179,8 +174,8 @@ def build(trainer) -> None:
     # one call: FSDP2 shards the model and points the optimizer at the sharded parameters together
     trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
     trainer.params = [p for p in trainer.policy.parameters() if p.requires_grad]  # (FSDP2: the sharded ones)
-    trainer.resumed_summary, trainer.prior_wall_s = {}, 0.0
-    if resume is not None:
+    trainer.resumed_summary, trainer.prior_wall_s, trainer.skipped_steps = {}, 0.0, 0
+    if resume is not None:  # after loading the models, which draw from the generators it restores
         load_trainer_state(trainer, resume)
         if acc.is_main_process:  # rows logged after the checkpoint describe steps that are redone now
             trim_logs(cfg.output_dir, trainer.step)
