@@ -4,7 +4,7 @@ A checkpoint folder (``checkpoint-last/``, older ones ``checkpoint-<step>/``; se
 :mod:`pg_lm.run.checkpoints`: sealed with checksums, rotated to ``--save-total-limit``) holds
 the model (``save_pretrained``: the adapter alone under LoRA), the tokenizer,
 ``value_head.pt`` when there is a value head, and ``trainer_state.pt``: step, optimizer,
-scheduler, KL coefficient, the count of skipped updates, the time spent, the summary so far
+scheduler, KL coefficient, the counts of skipped updates, the time spent, the summary so far
 and every process's random generators. The prompt order is a function of the seed and the
 step, so the step is the data position. A run resumed from it draws the same prompts, samples
 the same completions and ends with the same weights as the run that was never stopped.
@@ -98,7 +98,8 @@ def save_checkpoint(trainer, summary: dict) -> Path:
             head = policy.value_head.state_dict() if full is None else _part(full, "value_head.")
             torch.save(head, folder / "value_head.pt")
         state = {"step": trainer.step, "optimizer": optimizer, "scheduler": trainer.sched.state_dict(),
-                 "kl_coef": trainer.kl_coef, "skipped_steps": trainer.skipped_steps, "summary": summary,
+                 "kl_coef": trainer.kl_coef, "skipped_steps": trainer.skipped_steps,
+                 "bad_in_row": trainer.bad_in_row, "summary": summary,
                  "wall_s": trainer.elapsed(), "rng": rng}
         torch.save(state, folder / "trainer_state.pt")
 
@@ -139,7 +140,7 @@ def load_trainer_state(trainer, path: Path) -> None:
         trainer.opt.load_state_dict(state["optimizer"])
     trainer.sched.load_state_dict(state["scheduler"])
     trainer.kl_coef = state["kl_coef"]
-    trainer.skipped_steps = state.get("skipped_steps", 0)
+    trainer.skipped_steps, trainer.bad_in_row = state.get("skipped_steps", 0), state.get("bad_in_row", 0)
     trainer.resumed_summary = state.get("summary", {})
     trainer.prior_wall_s = state.get("wall_s", 0.0)
     rngs, rank = state.get("rng"), trainer.acc.process_index

@@ -27,11 +27,14 @@ def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None,
 
 def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
     """Parse flags into an LMConfig, check the launch, apply the CPU layer's process settings when
-    it runs, call ``fn(cfg)``; user errors become one line on stderr, exit 2."""
+    it runs, call ``fn(cfg)``; user errors become one line on stderr, exit 2; a run stopped by
+    non-finite values exits 1, one stopped by SIGINT / SIGTERM (after saving) 130 / 143."""
+    from .cpu.process import apply_process_settings
+    from .setup import plan
+    from .trainer import Interrupted, NonFiniteError
+
     cfg = parse_config(LMConfig, argv, prog=prog, **defaults)
     try:
-        from .cpu.process import apply_process_settings
-        from .setup import plan
 
         if plan(cfg).cpu_layer:  # before any model is loaded: a launch that cannot run stops here
             apply_process_settings()
@@ -39,6 +42,12 @@ def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
     except (ValueError, RewardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     return 0
 
 

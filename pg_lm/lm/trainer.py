@@ -11,6 +11,10 @@ models running on other processes, off-policy corrections for stale rollouts.
 
 from __future__ import annotations
 
+import math
+import os
+import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -25,6 +29,56 @@ from .config import LMConfig
 from .evaluate import evaluate
 from .rewards import RewardSet
 from .sampling import Rollout, sample
+
+
+# the quantities checked for NaN / inf each step, in the order they are computed
+QUANTITIES = ("reward", "advantage", "log-prob", "loss", "gradient")
+
+
+class NonFiniteError(RuntimeError):
+    """``--max-bad-steps`` updates in a row were skipped for a non-finite value (named)."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT / SIGTERM and saved a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, signum: int, step: int, path):
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in {path} "
+                         "(continue with --resume)")
+
+
+@contextmanager
+def stop_on_signals(trainer):
+    """SIGINT and SIGTERM set ``trainer.signal``: the run stops after the step under way, saves a
+    checkpoint and raises :class:`Interrupted`. A second signal more than a second later (not a
+    launcher passing on the first) stops the process at once, as it would without this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    first = [0.0]
+
+    def handler(signum, frame):
+        if trainer.signal is None:
+            trainer.signal, first[0] = signum, time.monotonic()
+            print(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+                  "(send it again to stop now)", flush=True)
+        elif time.monotonic() - first[0] > 1.0:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _nonfinite(named: dict, mask: Tensor) -> str | None:
+    """The name of the first (B, T) tensor in ``named`` with a NaN or inf on a real token, or None."""
+    m = mask.bool()
+    return next((k for k, x in named.items() if x is not None and not bool(torch.isfinite(x[m]).all())), None)
 
 
 def _whole_groups(rows: Tensor, G: int) -> bool:
@@ -79,6 +133,8 @@ class Trainer:
         self.train_ds, self.eval_ds = train_dataset, eval_dataset
         self.kl_coef = cfg.kl_coef
         self.step = 0
+        self.bad_in_row = 0  # updates skipped in a row for a non-finite value (--max-bad-steps)
+        self._bad = None  # the first non-finite quantity of the optimizer step under way (this process)
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
 
     def progress(self) -> float:
@@ -182,6 +238,7 @@ class Trainer:
         cfg = self.cfg
         logp, values, entropy = self._forward(mb, grad=True)
         mask = mb.completion_mask
+        self._bad = self._bad or _nonfinite({"log-prob": logp.detach()}, mask)
         old = mb.logp if mb.logp is not None else logp.detach()
 
         def agg(x, d=denoms):
@@ -203,6 +260,8 @@ class Trainer:
             kl = agg(kl_estimate(logp, mb.ref_logp, cfg.kl_estimator))
             loss = loss + self.kl_coef * kl
             parts["loss/kl"] = kl.detach()
+        if not bool(torch.isfinite(loss)):
+            self._bad = self._bad or "loss"
         return loss, parts
 
     @property
@@ -241,7 +300,7 @@ class Trainer:
         micro = cfg.micro_batch_size or mb_rows
         G = batch.group_size
         totals: dict[str, float] = {}
-        trained = 0
+        trained, skipped = 0, None
         self.policy.train()
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, device=adv.device) if cfg.num_minibatches > 1 else torch.arange(B, device=adv.device)
@@ -256,6 +315,7 @@ class Trainer:
                     float(len(kept) * acc.num_processes))
                 rows = kept
                 trained += len(rows)
+                self._bad = None
                 # prompts are shared across a group only when micro-batches are whole groups in order
                 share = G if micro % G == 0 and _whole_groups(rows, G) else 1
                 chunks = rows.split(micro) if len(rows) else ()
@@ -277,20 +337,48 @@ class Trainer:
                 for p in self.params:  # no backward ran (every row skipped): step AdamW as a zero gradient would
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                if cfg.max_grad_norm is not None:
-                    gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    if gn is not None:  # (DeepSpeed clips inside its engine and returns None)
-                        totals["policy/grad_norm"] = float(gn)
-                self.opt.step()
-                if self.sampler is not None:  # the copy now lags the weights until the refresh below
-                    self.sampler.current = False
+                # the norm is measured even without clipping (max_norm inf): a NaN / inf one skips the step
+                gn = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+                if gn is not None:  # (DeepSpeed clips inside its engine and returns None)
+                    totals["policy/grad_norm"] = float(gn)
+                    if not math.isfinite(float(gn)) and acc.scaler is None:  # (fp16: the loss scaler skips the step)
+                        self._bad = self._bad or "gradient"
+                bad = self._agree(self._bad)
+                skipped = skipped or bad
+                if bad is None:
+                    self.opt.step()
+                    if self.sampler is not None:  # the copy now lags the weights until the refresh below
+                        self.sampler.current = False
                 # None, not zeros: the next backward then writes each gradient instead of adding it to zeros
                 self.opt.zero_grad(set_to_none=True)
         if self.sampler is not None:  # once per update, not per optimizer step: only the next rollout reads it
             self.sampler.refresh()
         totals.setdefault("loss/policy", 0.0)  # every row skipped: each had advantage 0, so the loss is 0
         totals["perf/trained_frac"] = trained / (B * cfg.ppo_epochs)
+        self._update_bad = skipped
         return totals
+
+    # ------------------------------------------------------------------ health
+    def _agree(self, bad: str | None) -> str | None:
+        """The first non-finite quantity on any process (all take the same branch after it)."""
+        if self.acc.num_processes == 1:
+            return bad
+        code = torch.tensor([QUANTITIES.index(bad) if bad else len(QUANTITIES)], device=self.acc.device)
+        first = int(self.acc.gather(code).min())
+        return QUANTITIES[first] if first < len(QUANTITIES) else None
+
+    def _health(self, bad: str | None) -> None:
+        """Count an update skipped for a non-finite value; stop after ``--max-bad-steps`` in a row."""
+        if bad is None:
+            self.bad_in_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_in_row += 1
+        step = self.step + 1
+        self.acc.print(f"step {step}: non-finite {bad}; update skipped ({self.bad_in_row} in a row)")
+        if self.bad_in_row >= self.cfg.max_bad_steps:
+            raise NonFiniteError(f"step {step}: non-finite {bad} ({self.bad_in_row} updates in a row skipped, "
+                                 f"--max-bad-steps {self.cfg.max_bad_steps}); the last checkpoint is untouched")
 
     def _adapt_kl(self, kl_per_seq: float) -> None:
         """Adaptive KL controller (Ziegler et al. 2019): steer the KL toward ``kl_target``."""
@@ -315,7 +403,13 @@ class Trainer:
         batch, stats = self.rollout()
         adv, returns = self.advantages(batch)
         t1 = time.perf_counter()
-        stats.update(self.update(batch, adv, returns))
+        bad = self._agree(_nonfinite({"reward": batch.rewards, "advantage": adv, "log-prob": batch.logp},
+                                     batch.completion_mask))
+        if bad is None:  # a non-finite rollout is not trained on at all
+            stats.update(self.update(batch, adv, returns))
+            bad = self._update_bad
+        self._health(bad)
+        stats["health/skipped_steps"] = self.skipped_steps
         if returns is not None and batch.values is not None:
             stats["value/explained_var"] = estimate.explained_variance(batch.values, returns, batch.completion_mask)
         keys = sorted(stats)  # one all-reduce for every scalar: means over processes
@@ -352,23 +446,29 @@ class Trainer:
             acc.print(f"eval before training: reward {summary['eval/reward_before']:.3f}")
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process),
                    desc="pg_lm", dynamic_ncols=True)
-        while self.step < cfg.max_steps:
-            if cfg.max_seconds is not None and self.elapsed() > cfg.max_seconds:
-                acc.print(f"stopping at step {self.step}: --max-seconds {cfg.max_seconds} reached")
-                break
-            stats = self.train_step()
-            if self.eval_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                stats.update(self.evaluate())
-            if self.step % cfg.log_every == 0 or "eval/reward" in stats:
-                self.writer.log({**stats, "wall_s": self.elapsed()}, step=self.step)
-            if cfg.max_seconds is not None:  # a time budget: show the steps it will allow, so the ETA is right
-                done, left = self.step - steps_at_start, max(cfg.max_seconds - self.elapsed(), 0.0)
-                per_step = (time.perf_counter() - t_start) / done
-                bar.total = min(cfg.max_steps, self.step + int(left / per_step) + 1)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", tok_s=f"{stats['perf/tokens_per_s']:.0f}")
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                save_checkpoint(self, summary)
+        self.signal, saved = None, None  # saved: (step, folder) of this run's newest checkpoint
+        with stop_on_signals(self):
+            while self.step < cfg.max_steps:
+                signum, out_of_time = self._should_stop()
+                if signum:
+                    bar.close()
+                    self._interrupted(signum, summary, saved[1] if saved and saved[0] == self.step else None)
+                if out_of_time:
+                    acc.print(f"stopping at step {self.step}: --max-seconds {cfg.max_seconds} reached")
+                    break
+                stats = self.train_step()
+                if self.eval_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    stats.update(self.evaluate())
+                if self.step % cfg.log_every == 0 or "eval/reward" in stats:
+                    self.writer.log({**stats, "wall_s": self.elapsed()}, step=self.step)
+                if cfg.max_seconds is not None:  # a time budget: show the steps it will allow, so the ETA is right
+                    done, left = self.step - steps_at_start, max(cfg.max_seconds - self.elapsed(), 0.0)
+                    per_step = (time.perf_counter() - t_start) / done
+                    bar.total = min(cfg.max_steps, self.step + int(left / per_step) + 1)
+                bar.update(1)
+                bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", tok_s=f"{stats['perf/tokens_per_s']:.0f}")
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    saved = self.step, save_checkpoint(self, summary)
         bar.close()
         if self.eval_ds is not None:
             summary["eval/reward_after"] = self.evaluate()["eval/reward"]
@@ -385,6 +485,23 @@ class Trainer:
         self.writer.plot("reward/mean", "reward.png", title="training reward", extra={"eval/reward (greedy, held-out)": evals})
         self.end()
         return summary
+
+    def _interrupted(self, signum: int, summary: dict, path=None):
+        """Save (unless ``path`` already holds this step), end, raise :class:`Interrupted`."""
+        path = path or save_checkpoint(self, summary)
+        self.writer.write_json("summary.json", {**summary, "train/steps": self.step,
+                                                "interrupted": signal.Signals(signum).name})
+        self.end()
+        raise Interrupted(signum, self.step, path)
+
+    def _should_stop(self) -> tuple[int, bool]:
+        """(a signal caught on any process, or 0; whether ``--max-seconds`` is spent), agreed by all
+        processes so that every one stops at the same step."""
+        late = self.cfg.max_seconds is not None and self.elapsed() > self.cfg.max_seconds
+        if self.acc.num_processes == 1:
+            return self.signal or 0, late
+        flags = self.acc.gather(torch.tensor([[self.signal or 0, int(late)]], device=self.acc.device))
+        return int(flags[:, 0].max()), bool(flags[:, 1].max())
 
     def end(self) -> None:
         """Close the trackers and, with several processes, free the process group, so the process
