@@ -4,7 +4,11 @@
   skipped (weights and optimizer state untouched) and counted (``health/skipped_steps``);
   ``--max-bad-steps`` in a row stop the run with an error naming the step and the quantity;
 * non-finite weights are never written to a checkpoint;
-* SIGINT / SIGTERM: the step under way finishes, a checkpoint is saved, exit 130 / 143.
+* SIGINT / SIGTERM: the step under way finishes, a checkpoint is saved, exit 130 / 143;
+* 2 processes: an error in one stops the other within a second with that error (even when the
+  failed process stays alive); an evaluation set that does not split evenly does not hang.
+
+SIGKILL and resume: tests/test_lm_exact_resume.py; damaged checkpoints: tests/test_lm_resume.py.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly(tiny_lm_dir, tmp_path, si
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + sig, err[-3000:]
     assert f"stopped by {sig.name} after step" in err and "Traceback" not in err
     step = json.loads((tmp_path / "summary.json").read_text())["train/steps"]
@@ -136,3 +140,38 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly(tiny_lm_dir, tmp_path, si
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["train/steps"] == step + 1
+
+
+def launch_two(model_dir, out, mode):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"), "--num_processes", "2",
+           str(Path(__file__).with_name("fault_worker.py")), str(model_dir), str(out), mode]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        err = proc.communicate(timeout=240)[1]
+    finally:  # the launcher and both workers, whatever happened
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err, time.time() - t0
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_an_error_in_one_process_stops_both_with_that_error(tiny_lm_dir, tmp_path, mode):
+    code, err, seconds = launch_two(tiny_lm_dir, tmp_path, mode)
+    assert code != 0
+    # rank 0 names rank 1's error (not a closed socket), even when rank 1's process stays alive
+    assert ("error: stopping: rank 1: RewardError: reward function 'reward' raised RuntimeError: "
+            "reward server unreachable") in err, err[-4000:]
+    assert seconds < 120  # (start-up included; without the watch, "hang" waits for the launcher's 300 s timeout)
+
+
+def test_an_uneven_evaluation_split_over_two_processes_does_not_hang(tiny_lm_dir, tmp_path):
+    code, err, _ = launch_two(tiny_lm_dir, tmp_path, "uneven")
+    assert code == 0, err[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train/steps"] == 3 and "eval/reward_after" in summary

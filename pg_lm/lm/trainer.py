@@ -434,7 +434,21 @@ class Trainer:
         return evaluate(self, self.eval_ds)
 
     def train(self) -> dict:
-        """Run to ``max_steps`` (or ``max_seconds``); returns the summary written to summary.json."""
+        """Run to ``max_steps`` (or ``max_seconds``); returns the summary written to summary.json.
+        With several processes, an error in one stops the others with it (:mod:`.peers`)."""
+        try:
+            return self._run()
+        except Interrupted:
+            raise
+        except BaseException as e:
+            if self.peers is not None:
+                self.peers.failed(e)
+            raise
+        finally:
+            if self.peers is not None:
+                self.peers.close()
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc, t_start = self.cfg, self.acc, time.perf_counter()
