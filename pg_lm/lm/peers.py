@@ -43,8 +43,10 @@ class PeerWatch:
         self.rank, self.poll_s = rank, poll_s
         self._done = threading.Event()
         self._store = _client()  # used by the main thread only; the watcher opens its own
+        self._thread = None
         if self._store is not None:
-            threading.Thread(target=self._watch, name="pg_lm-peer-watch", daemon=True).start()
+            self._thread = threading.Thread(target=self._watch, name="pg_lm-peer-watch", daemon=True)
+            self._thread.start()
 
     def _peer_error(self, store) -> str | None:
         if not store.check([KEY]):
@@ -58,9 +60,10 @@ class PeerWatch:
             try:
                 message = self._peer_error(store)
             except RuntimeError:  # the store is gone: the launch is ending
-                return
+                break
             if message is not None:
                 _stop(message)
+        del store  # closed here, in the thread that used it
 
     def failed(self, error: BaseException) -> None:
         """Tell the peers this process failed with ``error``; if a peer failed first (this error is
@@ -76,4 +79,10 @@ class PeerWatch:
             pass
 
     def close(self) -> None:
+        """Stop watching and wait for the watcher, so that no thread is inside the store's client
+        when the interpreter exits (that aborts the process)."""
         self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+        self._store = None

@@ -28,7 +28,6 @@ from pg_lm.run import RunWriter, to_dict
 
 from . import cpu
 from .checkpoint import load_trainer_state, resumable, trim_logs
-from .peers import PeerWatch
 from .policy import load_policy
 
 
@@ -150,7 +149,6 @@ def build(trainer) -> None:
     trainer.cpu_layer = run.cpu_layer
     trainer.acc = acc = make_accelerator(cfg, run)
     set_seed(cfg.seed + acc.process_index, device_specific=False)
-    trainer.peers = PeerWatch(acc.process_index) if acc.num_processes > 1 else None
     resume = resumable(acc, cfg.output_dir) if cfg.resume else None  # the newest intact checkpoint
     policy, trainer.tok = load_policy(
         cfg.model, value_head=cfg.uses_value_head, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,

@@ -27,8 +27,9 @@ from . import estimate
 from .checkpoint import save_checkpoint
 from .config import LMConfig
 from .evaluate import evaluate
+from .peers import PeerWatch
 from .rewards import RewardSet
-from .sampling import Rollout, sample
+from .sampling import Rollout, fit_prompts, sample
 
 
 # the quantities checked for NaN / inf each step, in the order they are computed
@@ -124,18 +125,34 @@ class Trainer:
     def __init__(self, cfg: LMConfig, reward_fns, train_dataset, eval_dataset=None, reward_weights=None):
         from .setup import build
 
-        if len(train_dataset) == 0:
-            raise ValueError("the training dataset is empty")
-        if "prompt" not in train_dataset.column_names:
-            raise ValueError(f"the training dataset needs a 'prompt' column; it has {train_dataset.column_names}")
         self.cfg = cfg
-        self.rewards = RewardSet(reward_fns, reward_weights)
+        self.rewards = RewardSet(reward_fns, reward_weights, timeout=cfg.reward_timeout)
+        for ds, what in ((train_dataset, "training"), (eval_dataset, "evaluation")):
+            if ds is None:
+                continue
+            if len(ds) == 0:
+                raise ValueError(f"the {what} dataset is empty")
+            if "prompt" not in ds.column_names:
+                raise ValueError(f"the {what} dataset needs a 'prompt' column; it has {ds.column_names}")
+            self.rewards.check_columns(ds.column_names, what)
         self.train_ds, self.eval_ds = train_dataset, eval_dataset
         self.kl_coef = cfg.kl_coef
         self.step = 0
         self.bad_in_row = 0  # updates skipped in a row for a non-finite value (--max-bad-steps)
         self._bad = None  # the first non-finite quantity of the optimizer step under way (this process)
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
+        self.train_ds, self.eval_ds = self._fit(train_dataset, "training"), self._fit(eval_dataset, "evaluation")
+
+    def _fit(self, dataset, what: str):
+        """``dataset`` after ``--long-prompts``: every prompt over the limit is found now, not at
+        the step that draws it."""
+        if dataset is None:
+            return None
+        cfg = self.cfg
+        dataset, note = fit_prompts(dataset, self.tok, cfg.chat_template, cfg.max_prompt_length, cfg.long_prompts, what)
+        if note:
+            self.acc.print(note)
+        return dataset
 
     def progress(self) -> float:
         """How far the run is, 0..1: steps over ``max_steps``, or time over ``max_seconds`` if further."""
@@ -206,7 +223,8 @@ class Trainer:
         with context():
             batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
-                           max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer)
+                           max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer,
+                           truncate_prompts=cfg.long_prompts == "truncate-left")
         gen_s = time.perf_counter() - t0
         mask = batch.completion_mask
         per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
@@ -436,17 +454,18 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``max_steps`` (or ``max_seconds``); returns the summary written to summary.json.
         With several processes, an error in one stops the others with it (:mod:`.peers`)."""
+        peers = PeerWatch(self.acc.process_index) if self.acc.num_processes > 1 else None
         try:
             return self._run()
         except Interrupted:
             raise
         except BaseException as e:
-            if self.peers is not None:
-                self.peers.failed(e)
+            if peers is not None:
+                peers.failed(e)
             raise
         finally:
-            if self.peers is not None:
-                self.peers.close()
+            if peers is not None:
+                peers.close()
 
     def _run(self) -> dict:
         from tqdm.auto import tqdm
