@@ -26,7 +26,7 @@ def evaluate(trainer, dataset) -> dict:
             cols = {c: chunk[c] for c in chunk.column_names if c != "prompt"}
             batch = sample(lm, trainer.tok, chunk["prompt"], cols, 1, cfg.eval_max_new_tokens, greedy=True,
                            chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length,
-                           cpu_layer=trainer.cpu_layer)
+                           cpu_layer=trainer.cpu_layer, truncate_prompts=cfg.long_prompts == "truncate-left")
             per_fn, dense = trainer.rewards.score(batch.prompts, batch.completions, batch.columns,
                                                   batch.lengths.tolist())
             sums["eval/reward"] += float(dense.sum())

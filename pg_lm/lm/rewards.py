@@ -4,7 +4,10 @@ A reward function is ``fn(prompts, completions, **columns) -> list``, where
 ``columns`` are the prompt dataset's other fields (e.g. ``answer``), one entry per
 completion. It returns one float per completion (the reward arrives at its last
 token) or, for dense rewards, one list of floats per completion with one entry per
-completion token.
+completion token. A value may be a Python or NumPy number, a 0-d tensor, or a bool (True
+counts 1.0, False 0.0); NaN, inf and anything else are an error naming the function and the
+sample. A parameter after ``completions`` without a default names a dataset column the
+function needs: a dataset without it is an error before training starts.
 
 >>> def shorter_is_better(prompts, completions, **columns):
 ...     return [-len(c) / 4 for c in completions]
@@ -16,7 +19,9 @@ completion token.
 
 from __future__ import annotations
 
+import inspect
 import math
+import threading
 from numbers import Real
 from typing import Callable, Sequence
 
@@ -42,7 +47,9 @@ def _is_per_token(x) -> bool:
 def _check_number(name: str, i: int, x, completion: str) -> float:
     if getattr(x, "ndim", None) == 0 and hasattr(x, "item"):  # a 0-d tensor / numpy scalar
         x = x.item()
-    if isinstance(x, bool) or not isinstance(x, Real):
+    if isinstance(x, bool):  # (a NumPy bool is one after .item())
+        x = float(x)
+    if not isinstance(x, Real):
         raise RewardError(f"reward function {name!r} returned {x!r} ({type(x).__name__}) for sample {i} "
                           f"({completion[:60]!r}); expected a number")
     x = float(x)
@@ -51,15 +58,54 @@ def _check_number(name: str, i: int, x, completion: str) -> float:
     return x
 
 
-def call_reward(fn, prompts: list[str], completions: list[str], columns: dict, lengths: Sequence[int]) -> Tensor:
-    """Call one reward function and validate its output -> (B, T) dense rewards.
+def needed_columns(fn) -> list[str]:
+    """The dataset columns ``fn`` needs: its parameters after ``(prompts, completions)`` that
+    have no default (a ``**columns`` catch-all needs none)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or an object inspect cannot read
+        return []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    rest = params[2:] if all(p.kind in positional for p in params[:2]) else params
+    return [p.name for p in rest if p.default is p.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+
+
+def _within(timeout: float | None, name: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or a RewardError after ``timeout`` seconds. The call runs in a
+    daemon thread, which a hung function keeps; the process can still exit."""
+    if timeout is None:
+        return fn(*args, **kwargs)
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name=f"reward-{name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardError(f"reward function {name!r} did not return within {timeout:g} s (--reward-timeout)")
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
+def call_reward(fn, prompts: list[str], completions: list[str], columns: dict, lengths: Sequence[int],
+                timeout: float | None = None) -> Tensor:
+    """Call one reward function (within ``timeout`` seconds) and validate its output -> (B, T) dense rewards.
 
     Scalars land on each completion's last token; per-token lists must have one entry
     per completion token. ``lengths`` are completion lengths in tokens.
     """
     name = reward_name(fn)
     try:
-        out = fn(prompts, completions, **columns)
+        out = _within(timeout, name, fn, prompts, completions, **columns)
+    except RewardError:
+        raise
     except Exception as e:  # the user's code: say whose it was and stop
         raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
     try:
@@ -88,7 +134,8 @@ class RewardSet:
     Each function's per-completion total is reported separately (``reward/<name>``).
     """
 
-    def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] | None = None):
+    def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] | None = None, timeout: float | None = None):
+        self.timeout = timeout  # seconds per call of each function (None = no limit)
         if not fns:
             raise ValueError("at least one reward function is needed")
         self.fns = list(fns)
@@ -104,11 +151,20 @@ class RewardSet:
                 name, k = f"{reward_name(f)}_{k}", k + 1
             self.names.append(name)
 
+    def check_columns(self, columns: Sequence[str], what: str) -> None:
+        """A ``ValueError`` naming the function and the column when a function needs a column
+        that the ``what`` dataset (e.g. "training") does not have."""
+        for fn, name in zip(self.fns, self.names):
+            missing = [c for c in needed_columns(fn) if c not in columns]
+            if missing:
+                raise ValueError(f"reward function {name!r} needs the column {missing[0]!r}, which the {what} "
+                                 f"dataset does not have (it has: {', '.join(columns)})")
+
     def score(self, prompts, completions, columns, lengths) -> tuple[dict[str, Tensor], Tensor]:
         """-> ({name: (B,) total reward of that function}, (B, T) weighted dense reward)."""
         per_fn, total = {}, None
         for fn, w, name in zip(self.fns, self.weights, self.names):
-            dense = call_reward(fn, prompts, completions, columns, lengths)
+            dense = call_reward(fn, prompts, completions, columns, lengths, self.timeout)
             per_fn[name] = dense.sum(1)
             total = w * dense if total is None else total + w * dense
         return per_fn, total

@@ -69,11 +69,43 @@ def format_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[s
     ]
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool, max_prompt_length: int | None):
-    """Left-padded ``(input_ids, attention_mask)``, each (N, P). A prompt over the limit is an error."""
+def _adds_special(tokenizer, chat_template: bool) -> bool:
+    """Whether the tokenizer adds its special tokens (BOS): not when a chat template wrote them."""
+    return not (chat_template and getattr(tokenizer, "chat_template", None) is not None)
+
+
+def fit_prompts(dataset, tokenizer, chat_template: bool, max_len: int, long_prompts: str, what: str):
+    """(``dataset`` with its prompts checked against ``max_len`` tokens, all at once before any
+    training; a note for the console or None): ``error`` raises a ``ValueError`` counting them,
+    ``drop`` leaves them out (the note says how many), ``truncate-left`` keeps them (sampling
+    keeps their last ``max_len`` tokens)."""
+    prompts = dataset["prompt"]
+    lengths = []
+    for i in range(0, len(prompts), 1024):
+        texts = format_prompts(tokenizer, prompts[i : i + 1024], chat_template)
+        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=_adds_special(tokenizer, chat_template))["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > max_len]
+    if not over or long_prompts == "truncate-left":
+        return dataset, None
+    longest = max(over, key=lambda i: lengths[i])
+    counted = (f"{len(over)} of {len(prompts)} {what} prompts are longer than --max-prompt-length {max_len} tokens "
+               f"(the longest, row {longest}, has {lengths[longest]})")
+    if long_prompts == "error":
+        raise ValueError(f"{counted}: raise the limit, or pass --long-prompts truncate-left or drop")
+    if len(over) == len(prompts):
+        raise ValueError(f"{counted}: --long-prompts drop would leave none")
+    skip = set(over)
+    return dataset.select([i for i in range(len(prompts)) if i not in skip]), f"{counted}: left out (--long-prompts drop)"
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool, max_prompt_length: int | None,
+                   truncate_left: bool = False):
+    """Left-padded ``(input_ids, attention_mask)``, each (N, P). A prompt over the limit is an error,
+    or, with ``truncate_left``, loses its first tokens."""
     texts = format_prompts(tokenizer, prompts, chat_template)
-    add_special = not (chat_template and getattr(tokenizer, "chat_template", None) is not None)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=_adds_special(tokenizer, chat_template))
+    if max_prompt_length is not None and truncate_left:  # left padding: each prompt ends in the last column
+        return enc["input_ids"][:, -max_prompt_length:], enc["attention_mask"][:, -max_prompt_length:]
     if max_prompt_length is not None:
         lens = enc["attention_mask"].sum(1)
         if (lens > max_prompt_length).any():
@@ -199,11 +231,13 @@ def sample(
     chat_template: bool = True,
     max_prompt_length: int | None = None,
     cpu_layer: bool = False,
+    truncate_prompts: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM with its
-    full weights; ``cpu_layer``: decode with pg_lm/lm/cpu (:func:`generate`)."""
+    full weights; ``cpu_layer``: decode with pg_lm/lm/cpu (:func:`generate`); ``truncate_prompts``:
+    a prompt over ``max_prompt_length`` keeps its last tokens (else it is an error)."""
     device = next(lm.parameters()).device
-    ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length)
+    ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length, truncate_prompts)
     ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)
     comp = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,
