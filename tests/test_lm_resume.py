@@ -174,3 +174,12 @@ def test_checkpoints_are_rotated_and_a_corrupt_one_is_skipped(tiny_lm_dir, tmp_p
     with pytest.warns(UserWarning, match="model.safetensors does not match its checksum"):
         resumed = make_trainer(tiny_lm_dir, tmp_path, max_steps=4, resume=True, lr=1e-2)
     assert resumed.step == 2
+
+
+def test_a_fresh_run_starts_over_without_an_earlier_runs_checkpoints(tiny_lm_dir, tmp_path):
+    make_trainer(tiny_lm_dir, tmp_path, max_steps=3, save_every=1, save_total_limit=None, lr=1e-2).train()
+    assert len(list(tmp_path.glob("checkpoint-*"))) == 3
+    fresh = make_trainer(tiny_lm_dir, tmp_path, max_steps=1, lr=1e-2)  # no --resume: an earlier run is not continued
+    assert fresh.step == 0 and not list(tmp_path.glob("checkpoint-*"))
+    fresh.train()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-last"] and state(tmp_path)["step"] == 1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pg_lm.run.checkpoints import LAST, checkpoints, commit, find_resumable, problem, rng_state, set_rng_state, step_of
+from pg_lm.run.checkpoints import LAST, checkpoints, clear, commit, find_resumable, problem, rng_state, set_rng_state, step_of
 
 
 def save(out, step, keep=2, payload=None):
@@ -27,6 +27,16 @@ def test_commit_rotates_and_keeps_the_newest(tmp_path):
     assert step_of(tmp_path / LAST) == 6 and (tmp_path / LAST / "sub" / "state.txt").read_text() == "6"
     assert problem(tmp_path / LAST) is None and problem(tmp_path / "checkpoint-4") is None
     assert not (tmp_path / f"{LAST}.tmp").exists()
+
+
+def test_clear_removes_every_checkpoint_and_nothing_else(tmp_path):
+    for step in (2, 4):
+        save(tmp_path, step)
+    (tmp_path / f"{LAST}.tmp").mkdir()  # a save cut short
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert clear(tmp_path) == 3
+    assert checkpoints(tmp_path) == [] and not (tmp_path / f"{LAST}.tmp").exists()
+    assert (tmp_path / "metrics.jsonl").exists() and clear(tmp_path) == 0
 
 
 def test_keep_none_keeps_every_checkpoint(tmp_path):

@@ -25,6 +25,7 @@ if torch.distributed.is_available():
     import torch.distributed.nn.functional  # noqa: F401
 
 from pg_lm.run import RunWriter, to_dict
+from pg_lm.run.checkpoints import clear
 
 from . import cpu
 from .checkpoint import load_trainer_state, resumable, trim_logs
@@ -187,6 +188,8 @@ def build(trainer) -> None:
         trainer.sampler = SamplerCopy(acc.unwrap_model(trainer.policy).lm, low)
         # each parameter's name in the (possibly DDP-wrapped) policy, for forwards that take weights from the copy
         trainer._param_names = {id(p): n for n, p in trainer.policy.named_parameters(remove_duplicate=False)}
+    if resume is None and acc.is_main_process and (n := clear(cfg.output_dir)):
+        acc.print(f"starting over in {cfg.output_dir}: removed {n} checkpoint(s) of an earlier run (--resume continues one)")
     trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
                                trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
     if cfg.report_to != "none":

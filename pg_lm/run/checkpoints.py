@@ -116,6 +116,17 @@ def commit(output_dir: str | Path, step: int, write: Callable[[Path], None], kee
     return last
 
 
+def clear(output_dir: str | Path) -> int:
+    """Delete every checkpoint folder in ``output_dir`` (a fresh run there starts over: an earlier
+    run's checkpoints would otherwise outrank its own in rotation and in ``--resume``); returns
+    how many were deleted. Call on one process only."""
+    out = Path(output_dir)
+    found = checkpoints(out) + ([out / f"{LAST}.tmp"] if (out / f"{LAST}.tmp").exists() else [])
+    for folder in found:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(found)
+
+
 # ---------------------------------------------------------------- random state
 def rng_state() -> dict:
     """Every random generator this process draws from: Python's, NumPy's global one, torch's
