@@ -102,3 +102,18 @@ def test_sigkill_then_resume_is_the_same_run(tiny_lm_dir, tmp_path, kind):
     resumed = run(command(tiny_lm_dir, killed, *flags, "--resume", processes=processes))
     assert "Traceback" not in resumed.stderr
     assert_same_run(whole, killed)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_killed_after_step_3_resumes_as_the_same_run(tmp_path):
+    """The embedded SmolLM2-135M-Instruct on the default task, ``--max-steps 6 --save-every 2
+    --seed 3``: killed once step 3 is logged, resumed from the step-2 checkpoint."""
+    def cmd(out, *flags):
+        return [sys.executable, "-m", "pg_lm.cli", "lm", "--output-dir", str(out), "--max-steps", "6",
+                "--save-every", "2", "--seed", "3", "--samples-every", "1", "--progress", "false", *flags]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run(cmd(whole), timeout=1500)
+    kill_after(cmd(killed), killed, step=3, timeout=1500)
+    assert 3 <= steps_logged(killed) < 6
+    run(cmd(killed, "--resume"), timeout=1500)
+    assert_same_run(whole, killed)
