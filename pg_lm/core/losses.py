@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masked import masked_mean
+from .masked import masked_mean, masked_sum
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -103,17 +103,21 @@ def aggregate(
     micro-batch losses then equal the loss of the whole batch, however it was split.
     ``norm_len`` is required by ``seq-mean-token-sum-norm`` (a batch's own T would
     make the loss depend on padding).
+
+    Every mode sums through ``masked_sum``: masked positions are selected away, not
+    multiplied by 0, so a loss that is inf/NaN on padding (log-prob -inf there) and a
+    fully masked row add exactly 0, the same in all modes.
     """
     _same_shape(loss=loss, mask=mask)
     mask = mask.to(loss.dtype)
     if mode == "token-mean":
         n = mask.sum() if num_tokens is None else num_tokens
-        return (loss * mask).sum() / max(float(n), 1.0)
+        return masked_sum(loss, mask) / max(float(n), 1.0)
     n_seq = loss.shape[0] if num_seqs is None else num_seqs
     if mode == "seq-mean-token-mean":
         return masked_mean(loss, mask, dim=1).sum() / max(float(n_seq), 1.0)
     if mode == "seq-mean-token-sum-norm":
         if norm_len is None:
             raise ValueError("seq-mean-token-sum-norm needs a constant norm_len (e.g. the max completion length)")
-        return (loss * mask).sum() / (max(float(n_seq), 1.0) * norm_len)
+        return masked_sum(loss, mask) / (max(float(n_seq), 1.0) * norm_len)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")
