@@ -412,6 +412,20 @@ def test_policy_loss(inp):
 
 
 @PROP
+@given(ppo_inputs(), st.sampled_from([100.0, 1e4]))
+def test_policy_loss_zero_advantage_is_zero_even_when_the_ratio_overflows(inp, drift):
+    """An all-equal group's tokens (A = 0) give loss 0 and gradient 0, not 0 * inf = NaN."""
+    logp, old, adv, (lo, hi) = inp
+    adv = torch.where(torch.arange(adv.numel()).view_as(adv) % 2 == 0, torch.zeros_like(adv), adv)
+    logp = (logp + drift).requires_grad_(True)  # log ratio up to +1e4: exp overflows
+    loss, clipped = policy_loss(logp, old, adv, lo, hi)
+    zero = adv == 0
+    assert (loss[zero] == 0).all() and (clipped[zero] == 0).all()
+    loss[zero].sum().backward()
+    assert (logp.grad[zero] == 0).all()
+
+
+@PROP
 @given(st.data(), DTYPES, st.sampled_from([None, 0.2, 10.0]))
 def test_value_loss(data, dtype, clip):
     B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
@@ -480,6 +494,11 @@ def test_aggregate_ignores_masked_junk_and_empty_rows(lb, mode, global_counts):
     near(got, float(want), 4 * (loss.numel() + 1) * eps_of(loss.dtype) * mag, f"aggregate {mode}")
     if not any(lengths):
         assert got == 0, "a fully masked batch has loss 0"
+
+
+def test_aggregate_refuses_a_non_positive_norm_len():
+    with pytest.raises(ValueError, match="norm_len must be > 0"):
+        aggregate(torch.ones(1, 2), torch.ones(1, 2), "seq-mean-token-sum-norm", norm_len=0)
 
 
 def test_aggregate_of_policy_loss_with_minus_inf_logprobs_on_padding():

@@ -53,9 +53,14 @@ def policy_loss(
     gradient at ``old_logp = logp.detach()`` is REINFORCE's ``-A ∇log π``. With clipping
     (PPO, Schulman et al. 2017; separate bounds as in DAPO) it is
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``.
+
+    A token with ``A = 0`` (every token of an all-equal GRPO group) has loss, gradient
+    and clip indicator exactly 0: its log-ratio is replaced by 0 before ``exp``, since
+    ``0 * exp(log ratio)`` is NaN once the ratio overflows (log ratio > 88 in fp32).
     """
     _same_shape(logp=logp, old_logp=old_logp, advantages=advantages)
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = torch.where(advantages == 0, torch.zeros_like(logp), logp - old_logp)
+    ratio = torch.exp(log_ratio)
     loss = -advantages * ratio
     if clip_low is None and clip_high is None:
         return loss, torch.zeros_like(loss)
@@ -119,5 +124,7 @@ def aggregate(
     if mode == "seq-mean-token-sum-norm":
         if norm_len is None:
             raise ValueError("seq-mean-token-sum-norm needs a constant norm_len (e.g. the max completion length)")
+        if not norm_len > 0:
+            raise ValueError(f"norm_len must be > 0, got {norm_len}")
         return masked_sum(loss, mask) / (max(float(n_seq), 1.0) * norm_len)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")
