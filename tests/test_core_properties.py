@@ -510,3 +510,63 @@ def test_aggregate_of_policy_loss_with_minus_inf_logprobs_on_padding():
         got = aggregate(loss, mask, mode, norm_len=2.0)
         want = {"token-mean": -2.0, "seq-mean-token-mean": -1.0, "seq-mean-token-sum-norm": -0.5}[mode]
         assert got.item() == want, (mode, got)
+
+
+@st.composite
+def flagged_episodes(draw):
+    """Random terminated/truncated flags, explicit next_values, junk at every masked position."""
+    dtype = draw(DTYPES)
+    B, T = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+
+    def bools():
+        return torch.tensor(draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T))).view(B, T)
+
+    m, term, trunc = bools(), bools(), bools()
+    r, v, nv = (tensor(draw(spread_values(B * T, (1.0, 1e6))), dtype, B, T) for _ in range(3))
+    return r, v, nv, m, term & ~trunc, trunc, torch.tensor(draw(JUNK), dtype=dtype), draw(st.sampled_from([0.9, 1.0]))
+
+
+@PROP
+@given(flagged_episodes())
+def test_returns_and_gae_never_read_masked_positions(ep):
+    """Whatever a masked step holds (NaN, ±inf, 1e30) the outputs are those of a zero there."""
+    r, v, nv, m, term, trunc, junk, gamma = ep
+    clean = [torch.where(m, x, torch.zeros_like(x)) for x in (r, v, nv)]
+    dirty = [torch.where(m, x, junk) for x in (r, v, nv)]
+    flags = dict(terminated=term, truncated=trunc)
+    got = discounted_returns(dirty[0], m, gamma, next_values=dirty[2], **flags)
+    assert torch.equal(got, discounted_returns(clean[0], m, gamma, next_values=clean[2], **flags))
+    got_a, got_r = gae(*dirty[:2], m, gamma, 0.95, next_values=dirty[2], **flags)
+    want_a, want_r = gae(*clean[:2], m, gamma, 0.95, next_values=clean[2], **flags)
+    assert torch.equal(got_a, want_a) and torch.equal(got_r, want_r)
+    assert torch.isfinite(got_a).all() and (got_a[~m] == 0).all() and (got[~m] == 0).all()
+
+
+def test_documented_edge_values():
+    """The cases above, written out once by hand (fp32 unless said)."""
+    one = torch.ones(1, 1)
+    # B = 1, T = 1: the return is the reward; GAE's advantage is r - V and its target r
+    assert discounted_returns(torch.tensor([[1e6]]), one, 0.99).item() == 1e6
+    a, ret = gae(torch.tensor([[1e6]]), torch.tensor([[3.0]]), one, 0.99, 0.95)
+    assert (a.item(), ret.item()) == (1e6 - 3.0, 1e6)
+    # G = 1: the group mean is the score itself, advantage 0
+    s = torch.tensor([0.1, 1e6, -1e30])
+    assert torch.equal(group_mean_baseline(s, 1), s)
+    # all-equal groups of awkward values: advantage and std exactly 0
+    s = torch.full((6,), 0.1)
+    for b in (group_mean_baseline(s, 3), leave_one_out_baseline(s, 3), batch_mean_baseline(s)):
+        assert torch.equal(s - b, torch.zeros(6))
+    assert torch.equal(group_std(s, 3), torch.zeros(6))
+    # 1e6 + small differences keep their precision: the std of {1e6 + 0.0625, 1e6, 1e6, 1e6} is 0.03125
+    s = torch.tensor([1e6 + 0.0625, 1e6, 1e6, 1e6])
+    assert group_std(s, 4)[0].item() == pytest.approx(0.03125, rel=1e-6)
+    assert masked_whiten(s, torch.ones(4), eps=0.0).tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-6)
+    # whitening a constant 1e6 gives exactly 0; 1e30 in fp32 whitens like 1
+    assert torch.equal(masked_whiten(torch.full((5,), 1e6), torch.ones(5)), torch.zeros(5))
+    x = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    torch.testing.assert_close(masked_whiten(x * 1e30, torch.ones(4)), masked_whiten(x, torch.ones(4), eps=0.0))
+    # a fully masked batch: every reduction is 0, whatever the masked positions hold
+    z = torch.zeros(2, 3)
+    x = torch.full((2, 3), math.nan)
+    assert masked_mean(x, z) == 0 and masked_var(x, z) == 0 and torch.equal(masked_whiten(x, z), z)
+    assert all(aggregate(x, z, mode, norm_len=3) == 0 for mode in AGG_MODES)
