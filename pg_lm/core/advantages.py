@@ -63,18 +63,22 @@ def discounted_returns(
     episode (or the rollout's last column) bootstraps from ``V(s_{t+1})`` when
     ``next_values`` is given, and from 0 otherwise (plain Monte-Carlo REINFORCE,
     Williams 1992). Shapes: all ``(B, T)``; returns ``(B, T)``, 0 where masked.
+    Masked steps and the bootstrap of terminated steps are selected away (``torch.where``),
+    not multiplied by 0, so an inf/NaN reward or value there cannot turn into NaN.
     """
     mask, terminated, done = _episode_flags(rewards, mask, terminated, truncated)
     boot = torch.zeros_like(rewards) if next_values is None else next_values
     _check("next_values", boot, rewards.shape)
-    boot = boot * (~terminated).to(rewards.dtype)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    boot = torch.where(terminated, zero, boot)
+    on = mask != 0
     T = rewards.shape[1]
     out = torch.zeros_like(rewards)
     carry = torch.zeros_like(rewards[:, 0])  # (B,) G_{t+1}
     for t in reversed(range(T)):
         cut = done[:, t] | (t == T - 1)
         nxt = torch.where(cut, boot[:, t], carry)
-        carry = (rewards[:, t] + gamma * nxt) * mask[:, t]
+        carry = torch.where(on[:, t], rewards[:, t] + gamma * nxt, zero)
         out[:, t] = carry
     return out
 
@@ -96,7 +100,8 @@ def gae(
     ``R_t = A_t + V(s_t)`` are the λ-returns (the value targets). ``next_values``
     defaults to ``values`` shifted left with 0 after the last column.
     λ = 1 gives ``discounted_returns(...) - V``; λ = 0 gives the TD error ``δ_t``.
-    Both outputs are 0 where masked.
+    Both outputs are 0 where masked; as in ``discounted_returns``, masked steps and the
+    bootstrap of terminated steps are selected away, so inf/NaN there cannot leak.
     """
     _check("values", values, rewards.shape)
     mask, terminated, done = _episode_flags(rewards, mask, terminated, truncated)
@@ -104,15 +109,17 @@ def gae(
         next_values = torch.zeros_like(values)
         next_values[:, :-1] = values[:, 1:]
     _check("next_values", next_values, rewards.shape)
-    delta = rewards + gamma * next_values * (~terminated).to(rewards.dtype) - values  # (B, T)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    on = mask != 0
+    delta = torch.where(on, rewards + gamma * torch.where(terminated, zero, next_values) - values, zero)  # (B, T)
     T = rewards.shape[1]
     adv = torch.zeros_like(rewards)
-    carry = torch.zeros_like(rewards[:, 0])  # (B,) A_{t+1}
+    carry = torch.zeros_like(rewards[:, 0])  # (B,) A_{t+1}, finite: 0 at masked steps
     for t in reversed(range(T)):
         cont = (~done[:, t]).to(rewards.dtype) if t < T - 1 else 0.0
-        carry = (delta[:, t] + gamma * lam * cont * carry) * mask[:, t]
+        carry = torch.where(on[:, t], delta[:, t] + gamma * lam * cont * carry, zero)
         adv[:, t] = carry
-    return adv, (adv + values) * mask
+    return adv, torch.where(on, adv + values, zero)
 
 
 # Baselines over sequence-level scores. ``scores`` is (B,) with the G samples of a
@@ -128,26 +135,58 @@ def _groups(scores: Tensor, group_size: int) -> Tensor:
     return scores.view(-1, group_size)  # (B / G, G)
 
 
+def _shifted(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(shift, g - shift)`` with the first member of each group (row) as the shift.
+
+    Statistics of ``g - shift`` round in proportion to the group's spread, not to
+    ``|g|``: rewards of 1e6 with small differences keep them, and an all-equal group
+    gives exactly 0 differences, hence a baseline exactly equal to its scores
+    (advantage 0) and a std of exactly 0.
+    """
+    shift = g[..., :1]
+    return shift, g - shift
+
+
 def batch_mean_baseline(scores: Tensor) -> Tensor:
-    """The mean score of the whole batch, for every sample: ``b_i = mean_j s_j``. (B,) -> (B,)."""
-    return scores.mean().expand_as(scores)
+    """The mean score of the whole batch, for every sample: ``b_i = mean_j s_j``. (B,) -> (B,).
+
+    Computed as ``s_0 + mean_j (s_j - s_0)`` (see ``_shifted``): an all-equal batch gets
+    advantage exactly 0.
+    """
+    shift, d = _shifted(scores)
+    return (shift + d.mean()).expand_as(scores)
 
 
 def group_mean_baseline(scores: Tensor, group_size: int) -> Tensor:
-    """GRPO (Shao et al. 2024): the mean of the G samples of the same prompt. (B,) -> (B,)."""
-    return _groups(scores, group_size).mean(1, keepdim=True).expand(-1, group_size).reshape(-1)
+    """GRPO (Shao et al. 2024): the mean of the G samples of the same prompt. (B,) -> (B,).
+
+    Computed as ``s_0 + mean_j (s_j - s_0)`` per group (see ``_shifted``): an all-equal
+    group, and every group of G = 1, gets advantage exactly 0.
+    """
+    shift, d = _shifted(_groups(scores, group_size))
+    return (shift + d.mean(1, keepdim=True)).expand(-1, group_size).reshape(-1)
 
 
 def group_std(scores: Tensor, group_size: int) -> Tensor:
-    """Unbiased std of the G samples of the same prompt (GRPO's advantage scale). (B,) -> (B,)."""
+    """Unbiased std of the G samples of the same prompt (GRPO's advantage scale). (B,) -> (B,).
+
+    Computed on ``s - s_0`` (see ``_shifted``): exactly 0 for an all-equal group, and
+    accurate for 1e6 + small differences, where the plain std's mean already carries a
+    rounding error of the size of those differences.
+    """
     if group_size < 2:
         raise ValueError("a group std needs group_size >= 2")
-    return _groups(scores, group_size).std(1, keepdim=True).expand(-1, group_size).reshape(-1)
+    _, d = _shifted(_groups(scores, group_size))
+    return d.std(1, keepdim=True).expand(-1, group_size).reshape(-1)
 
 
 def leave_one_out_baseline(scores: Tensor, group_size: int) -> Tensor:
-    """RLOO (Ahmadian et al. 2024): ``b_i = (sum_j s_j - s_i) / (G - 1)`` within a group. (B,) -> (B,)."""
+    """RLOO (Ahmadian et al. 2024): ``b_i = (sum_j s_j - s_i) / (G - 1)`` within a group. (B,) -> (B,).
+
+    G = 1 has no other sample to compare with and is refused. Computed on ``s - s_0``
+    (see ``_shifted``): an all-equal group gets advantage exactly 0.
+    """
     if group_size < 2:
         raise ValueError("a leave-one-out baseline needs group_size >= 2")
-    g = _groups(scores, group_size)
-    return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(-1)
+    shift, d = _shifted(_groups(scores, group_size))
+    return (shift + (d.sum(1, keepdim=True) - d) / (group_size - 1)).reshape(-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masked import masked_mean
+from .masked import masked_mean, masked_sum
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -53,9 +53,14 @@ def policy_loss(
     gradient at ``old_logp = logp.detach()`` is REINFORCE's ``-A ∇log π``. With clipping
     (PPO, Schulman et al. 2017; separate bounds as in DAPO) it is
     ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``.
+
+    A token with ``A = 0`` (every token of an all-equal GRPO group) has loss, gradient
+    and clip indicator exactly 0: its log-ratio is replaced by 0 before ``exp``, since
+    ``0 * exp(log ratio)`` is NaN once the ratio overflows (log ratio > 88 in fp32).
     """
     _same_shape(logp=logp, old_logp=old_logp, advantages=advantages)
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = torch.where(advantages == 0, torch.zeros_like(logp), logp - old_logp)
+    ratio = torch.exp(log_ratio)
     loss = -advantages * ratio
     if clip_low is None and clip_high is None:
         return loss, torch.zeros_like(loss)
@@ -103,17 +108,23 @@ def aggregate(
     micro-batch losses then equal the loss of the whole batch, however it was split.
     ``norm_len`` is required by ``seq-mean-token-sum-norm`` (a batch's own T would
     make the loss depend on padding).
+
+    Every mode sums through ``masked_sum``: masked positions are selected away, not
+    multiplied by 0, so a loss that is inf/NaN on padding (log-prob -inf there) and a
+    fully masked row add exactly 0, the same in all modes.
     """
     _same_shape(loss=loss, mask=mask)
     mask = mask.to(loss.dtype)
     if mode == "token-mean":
         n = mask.sum() if num_tokens is None else num_tokens
-        return (loss * mask).sum() / max(float(n), 1.0)
+        return masked_sum(loss, mask) / max(float(n), 1.0)
     n_seq = loss.shape[0] if num_seqs is None else num_seqs
     if mode == "seq-mean-token-mean":
         return masked_mean(loss, mask, dim=1).sum() / max(float(n_seq), 1.0)
     if mode == "seq-mean-token-sum-norm":
         if norm_len is None:
             raise ValueError("seq-mean-token-sum-norm needs a constant norm_len (e.g. the max completion length)")
-        return (loss * mask).sum() / (max(float(n_seq), 1.0) * norm_len)
+        if not norm_len > 0:
+            raise ValueError(f"norm_len must be > 0, got {norm_len}")
+        return masked_sum(loss, mask) / (max(float(n_seq), 1.0) * norm_len)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")

@@ -7,6 +7,8 @@ A ``mask`` is a float or bool tensor broadcastable to ``x``; 1 marks a real step
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,24 +28,64 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / masked_sum(torch.ones_like(x), mask, dim).clamp(min=1.0)
 
 
+def _normalised(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(shift, scale, d)`` with ``x = shift + scale * d`` over unmasked positions.
+
+    ``shift`` is the largest unmasked value and ``scale`` the largest ``|x - shift|``
+    (the spread), so ``d`` lies in ``[-1, 0]``: squares cannot overflow (x up to 1e30 in
+    fp32), the rounding error scales with the spread rather than with ``|x|`` (1e6 + small
+    differences keep their precision), and a constant set gives ``d = 0`` exactly.
+    ``d`` is 0 at masked positions, whatever ``x`` holds there.
+    """
+    on = mask != 0
+    shift = torch.where(on, x, torch.full((), -torch.inf, dtype=x.dtype, device=x.device)).amax()
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)  # nothing unmasked
+    diff = torch.where(on, x - shift, torch.zeros((), dtype=x.dtype, device=x.device))
+    scale = diff.abs().amax()
+    d = diff / torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant: 0 / 1 = 0
+    return shift, scale, d
+
+
+def _var_of_normalised(d: Tensor, mask: Tensor, unbiased: bool) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the normalised values ``d`` over unmasked positions."""
+    mean = masked_mean(d, mask)
+    n = masked_sum(torch.ones_like(d), mask)
+    denom = torch.where(n > 1, n - 1, n) if unbiased else n
+    return mean, masked_sum((d - mean) ** 2, mask) / denom.clamp(min=1.0)
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance over unmasked positions; divides by ``n - 1`` (``unbiased``) or ``n``."""
+    """Variance over unmasked positions; divides by ``n - 1`` (``unbiased``) or ``n``.
+
+    Computed as ``scale^2 var(d)`` on ``d = (x - shift) / scale`` (see ``_normalised``):
+    the plain ``sum((x - mean)^2)`` overflows fp32 once ``|x - mean|`` passes ~1e19 and
+    loses the variance of large, close values (1e6 + small differences) to rounding.
+    A constant set, a single position or no position gives 0 exactly.
+    """
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    sq = masked_sum((x - mean) ** 2, mask)
-    denom = (n - 1) if unbiased and n > 1 else n
-    return sq / denom.clamp(min=1.0)
+    _, scale, d = _normalised(x, mask)
+    _, var = _var_of_normalised(d, mask, unbiased)
+    return var * scale * scale  # inf only when the variance itself exceeds the dtype
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over unmasked positions; masked positions become 0.
 
     With ``shift_mean=False`` the mean is added back (scale only), as in TRL/OpenRLHF.
+    Evaluated on the normalised ``d`` of ``_normalised`` as
+    ``(d - mean_d) / hypot(std_d, sqrt(eps) / scale)``: the same value, finite for any
+    finite ``x`` whose spread fits the dtype (magnitudes of 1e30 in fp32 included), with a
+    rounding error relative to the spread rather than to ``|x|``. A constant or
+    single-valued set gives exactly 0 (not the rounding noise of its mean divided by
+    ``sqrt(eps)``), and inf/NaN at masked positions never reach the output.
     """
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    shift, scale, d = _normalised(x, mask)
+    mean, var = _var_of_normalised(d, mask, unbiased=True)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    root_eps = math.sqrt(eps) / torch.where(scale > 0, scale, torch.ones_like(scale))  # sqrt(eps) in units of scale
+    std = torch.hypot(var.sqrt(), root_eps)  # hypot: no overflow/underflow of scale^2
+    out = torch.where(scale > 0, (d - mean) / std, zero)  # a constant: 0, even with eps = 0
     if not shift_mean:
-        out = out + mean
-    return out * mask
+        out = out + (shift + scale * mean)
+    return torch.where(mask != 0, out, zero)
