@@ -32,6 +32,17 @@ VECTOR_MODES = ("auto", "vector_entry_point", "sync")
 #   reward scaling, a small entropy bonus against early collapse of the log-std, and
 #   16 minibatches (rl-zoo's 64 took 4x the time and stalled too): -250 at 61-74k steps
 #   for seeds 0-7. gSDE (rl-zoo's choice) is left out.
+# * TRPO: rl-zoo's trpo.yml (sb3-contrib's TRPO) row by row, so that benchmarks/cartpole.py
+#   compares the two implementations at the same settings. Generic row: sb3-contrib's
+#   defaults (one 2048-step batch from 2 envs, critic lr 1e-3 constant, 10 critic passes of
+#   128-step minibatches, no gradient clip); the KL step itself is the flag defaults
+#   (δ 0.01, 10 CG iterations, damping 0.1, 10 backtracking steps of 0.8).
+#   CartPole: rl-zoo's row (2 x 512 steps, critic batch 512 = 2 minibatches, 20 critic passes,
+#   damping 1e-3, λ 0.98, γ 0.99) and sb3-contrib's 15 CG iterations: 475 at 45-70k steps
+#   (seeds 0-2). Pendulum: rl-zoo's row (2 x 1024 steps, γ 0.9, 15 critic passes, 15 CG
+#   iterations) without its gSDE, no entropy bonus (rl-zoo has none); the Pendulum row's
+#   obs and reward scaling stay: -300 at 51-61k steps (seeds 0-2; seed 0 without the scaling,
+#   as rl-zoo runs it: 63k instead of 53k).
 DEFAULTS: dict[tuple[str, str], dict] = {
     ("*", "*"): dict(
         total_steps=100_000, num_envs=8, n_steps=128, lr=3e-4, anneal_lr=True, gamma=0.99,
