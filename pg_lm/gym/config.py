@@ -95,7 +95,7 @@ class GymConfig:
     vector_mode: str = arg("auto", "vectorisation: auto = the env's native vector version when it has one, else sync", VECTOR_MODES)
     # estimator
     gamma: float | None = arg(None, "discount factor")
-    gae_lambda: float | None = arg(None, "GAE λ (a2c, ppo)")
+    gae_lambda: float | None = arg(None, "GAE λ (a2c, ppo, trpo)")
     norm_adv: bool | None = arg(None, "whiten advantages (PPO: per minibatch; REINFORCE: whitens the returns)")
     # optimisation
     lr: float | None = arg(None, "Adam learning rate (TRPO: the critic's)")
