@@ -77,6 +77,12 @@ def test_line_search_needs_an_improvement():
     assert backtracking_line_search(lambda f: (1.0, 1.0 * f), 0.01, 3, 0.5) is None
 
 
+def test_line_search_never_accepts_a_non_finite_point():
+    # an overflowing ratio gives an infinite "improvement", a broken KL nan: back off past both
+    values = {1.0: (math.inf, 0.0), 0.5: (1.0, math.nan), 0.25: (math.nan, 0.0), 0.125: (0.1, 0.001)}
+    assert backtracking_line_search(lambda f: values[f], 0.01, 4, 0.5) == 0.125
+
+
 def _tiny_policy(kind: str):
     """A linear policy on N=7 fixed states, its flat parameters θ (P,) and a function θ -> the
     exact mean KL(π_old || π_θ), with π_old the policy at θ_old (detached)."""

@@ -62,6 +62,30 @@ def test_one_update_stays_within_max_kl_and_improves_the_surrogate(env, max_kl):
     assert torch.equal(_flat(policy.critic), critic), "the natural step moves only the actor"
 
 
+def test_the_line_search_backs_off_when_the_quadratic_model_overshoots(monkeypatch):
+    # without damping, on a sharpened policy (final layer x3), the Fisher is near-singular and the
+    # full step's real KL is far above max_kl: the search must shrink it until the KL fits
+    cfg, policy, _, _, _, flat = _batch("CartPole-v1", cg_damping=0.0, line_search_steps=40)
+    with torch.no_grad():
+        policy.actor[-1].weight.mul_(3.0)
+        flat["logp"] = policy.evaluate(flat["obs"], flat["actions"])[0]
+        before = _dist(policy, flat["obs"])
+    tried = []
+
+    def spy(evaluate, max_kl, steps, ratio):
+        return real(lambda f: tried.append((f, *evaluate(f))) or tried[-1][1:], max_kl, steps, ratio)
+
+    real = trpo.backtracking_line_search
+    monkeypatch.setattr(trpo, "backtracking_line_search", spy)
+    stats = trpo.natural_step(policy, flat, cfg)
+    with torch.no_grad():
+        kl = float(torch.distributions.kl_divergence(before, _dist(policy, flat["obs"]))[flat["mask"]].mean())
+    assert tried[0][0] == 1.0 and tried[0][2] > 10 * cfg.max_kl, "the full step overshoots"
+    assert all(gain <= 0 or k > cfg.max_kl for _, gain, k in tried[:-1]), "each rejection had a reason"
+    assert stats["policy/step_fraction"] == tried[-1][0] < 1.0
+    assert tried[-1][1] > 0 and kl <= cfg.max_kl * (1 + 1e-5)
+
+
 def test_a_rejected_step_restores_the_actor(monkeypatch):
     cfg, policy, _, _, _, flat = _batch("Pendulum-v1")
     actor = _flat(policy.actor), policy.head.log_std.detach().clone()

@@ -112,9 +112,10 @@ def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], m
 
     ``evaluate(f)`` puts the parameters at ``θ_old + f · full_step`` and returns
     ``(surrogate improvement L(θ) - L(θ_old), mean KL(π_old || π_θ))``. A fraction is
-    accepted only when the improvement is > 0 and the KL is <= ``max_kl`` (Schulman et
-    al. 2015, Appendix C: the quadratic model of the KL can be wrong, so the real KL is
-    checked). Returns the accepted fraction, or None when none of the ``steps`` fractions
+    accepted only when the improvement is finite and > 0 and the KL is <= ``max_kl``
+    (Schulman et al. 2015, Appendix C: the quadratic model of the KL can be wrong, so the
+    real KL is checked; an overflowing ratio must not pass as an infinite improvement).
+    Returns the accepted fraction, or None when none of the ``steps`` fractions
     qualifies -- the caller then restores θ_old. The parameters are left where the last
     ``evaluate`` put them.
     """
@@ -127,7 +128,7 @@ def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], m
     fraction = 1.0
     for _ in range(steps):
         improvement, kl = evaluate(fraction)
-        if improvement > 0 and kl <= max_kl:
+        if 0 < improvement < math.inf and kl <= max_kl:  # nan fails both comparisons
             return fraction
         fraction *= ratio
     return None
