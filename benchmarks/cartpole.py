@@ -224,7 +224,8 @@ def parse_args(argv=None):
     rows = SB3_ZOO[args.env]
     args.sb3_algos = args.sb3_algos or [a for a in rows if (a == "trpo") == (args.pg_lm_algo == "trpo")]
     if not args.sb3_algos:
-        p.error(f"no SB3 algorithm to compare with by default on {args.env}: pass --sb3-algos (have: {', '.join(rows)})")
+        p.error(f"no SB3 algorithm to compare with by default on {args.env}: "
+                f"pass --sb3-algos (have: {', '.join(rows)})")
     missing = [a for a in args.sb3_algos if a not in rows]
     if missing:
         p.error(f"no rl-zoo row for {', '.join(missing)} on {args.env} (have: {', '.join(rows)})")
