@@ -34,6 +34,8 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]' $(TORCH)
 	$(PY) benchmarks/cartpole.py --output runs/bench/cartpole.json
+	$(PY) benchmarks/cartpole.py --pg-lm-algo trpo --output runs/bench/cartpole_trpo.json
+	$(PY) benchmarks/cartpole.py --env Pendulum-v1 --pg-lm-algo trpo --output runs/bench/pendulum_trpo.json
 	$(PY) benchmarks/lm_vs_trl.py --output runs/bench/lm_vs_trl.json
 
 clean:

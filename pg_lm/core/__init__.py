@@ -11,10 +11,22 @@ from .advantages import (
 )
 from .losses import AGG_MODES, KL_ESTIMATORS, aggregate, entropy_from_logits, kl_estimate, policy_loss, value_loss
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .natural import (
+    backtracking_line_search,
+    categorical_kl,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_grad,
+    gaussian_kl,
+    step_scale,
+)
 
 __all__ = [
     "AGG_MODES", "KL_ESTIMATORS", "aggregate", "batch_mean_baseline", "discounted_returns",
     "entropy_from_logits", "gae", "group_mean_baseline", "group_std", "kl_estimate",
     "last_step_mask", "leave_one_out_baseline", "masked_mean", "masked_sum", "masked_var",
     "masked_whiten", "policy_loss", "value_loss",
+    # the natural-gradient (TRPO) step
+    "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product", "flat_grad",
+    "gaussian_kl", "step_scale",
 ]

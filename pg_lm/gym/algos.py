@@ -1,4 +1,4 @@
-"""The four algorithms as data: an advantage function, a critic or not, PPO epochs or not.
+"""The five algorithms as data: an advantage function, a critic or not, how the actor steps.
 
 Everything else -- rollout, loss, optimiser step, logging -- is the one loop in
 train.py and :func:`update` here, built on the core estimators:
@@ -10,10 +10,17 @@ reinforce           G_t (Monte-Carlo return)    no        whole episodes    1 fu
 reinforce-baseline  G_t - V(s_t)                baseline  whole episodes    1 full-batch step
 a2c                 GAE(γ, λ)                   bootstrap n steps per env   1 full-batch step
 ppo                 GAE(γ, λ)                   bootstrap n steps per env   epochs x minibatches, clipped
+trpo                GAE(γ, λ)                   bootstrap n steps per env   1 natural-gradient step within
+                                                                            max_kl (trpo.py); the critic:
+                                                                            epochs x minibatches of regression
 ==================  ==========================  ========  ================  ==============
 
+Under TRPO the Adam optimizer only ever sees the critic's gradients (the actor's stay
+None, which Adam skips), so it is in effect the critic's own optimizer, and its lr is
+the critic's.
+
 Left out on purpose: PPO's early stop on a target KL, shared actor-critic trunks,
-separate optimisers for actor and critic, gSDE.
+separate optimisers for actor and critic (except TRPO's, above), gSDE.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pg_lm.core import policy_loss, value_loss
 from .config import GymConfig
 from .policy import ActorCritic
 from .rollout import Rollout
+from .trpo import natural_step
 
 Advantage = Callable[[Rollout, float, float], "tuple[Tensor, Tensor]"]
 
@@ -66,6 +74,7 @@ class Algo:
     critic: bool  # a learned V(s) exists
     complete_episodes: bool  # Monte-Carlo returns need whole episodes in each rollout
     ppo: bool  # several epochs of minibatches with the clipped surrogate (else one step)
+    trpo: bool = False  # the actor takes one KL-constrained natural-gradient step; the critic regresses alone
 
 
 ALGOS: dict[str, Algo] = {
@@ -73,6 +82,7 @@ ALGOS: dict[str, Algo] = {
     "reinforce-baseline": Algo(mc_baseline_advantage, critic=True, complete_episodes=True, ppo=False),
     "a2c": Algo(gae_advantage, critic=True, complete_episodes=False, ppo=False),
     "ppo": Algo(gae_advantage, critic=True, complete_episodes=False, ppo=True),
+    "trpo": Algo(gae_advantage, critic=True, complete_episodes=False, ppo=False, trpo=True),
 }
 
 
@@ -103,19 +113,31 @@ def _loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, algo: Algo
     return loss, stats
 
 
+def _critic_loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, algo: Algo) -> tuple[Tensor, dict]:
+    """TRPO's critic regression on one minibatch: the value loss alone (no clip), so only
+    the critic gets gradients."""
+    v_loss = aggregate(value_loss(policy.value(mb["obs"]), mb["values"], mb["returns"], None), mb["mask"])
+    return v_loss, {"loss/value": v_loss}
+
+
 def update(policy: ActorCritic, opt: torch.optim.Optimizer, batch: Rollout, adv: Tensor, returns: Tensor,
            cfg: GymConfig, algo: Algo) -> dict[str, float]:
-    """Optimise on one rollout: ``epochs x minibatches`` steps for PPO, one step otherwise.
+    """Optimise on one rollout: ``epochs x minibatches`` steps for PPO, one step otherwise;
+    TRPO: one natural-gradient step of the actor, then ``epochs x minibatches`` critic steps.
 
     Each minibatch is its own optimiser step, so its loss is its own token-mean."""
     flat = dict(obs=batch.obs.flatten(0, 1), actions=batch.actions.flatten(0, 1), logp=batch.logp.reshape(-1),
                 values=batch.values.reshape(-1), adv=adv.reshape(-1), returns=returns.reshape(-1),
                 mask=batch.mask.reshape(-1))  # B·T steps
-    epochs, minibatches = (cfg.epochs, cfg.minibatches) if algo.ppo else (1, 1)
+    epochs, minibatches = (cfg.epochs, cfg.minibatches) if algo.ppo or algo.trpo else (1, 1)
     stats: dict[str, list[float]] = defaultdict(list)
+    if algo.trpo:  # the actor first, on the advantages of the values the rollout saw
+        for k, v in natural_step(policy, flat, cfg).items():
+            stats[k].append(v)
+    loss_fn = _critic_loss if algo.trpo else _loss
     for _ in range(epochs):
         for idx in torch.randperm(len(flat["mask"])).chunk(minibatches):
-            loss, mb_stats = _loss(policy, {k: v[idx] for k, v in flat.items()}, cfg, algo)
+            loss, mb_stats = loss_fn(policy, {k: v[idx] for k, v in flat.items()}, cfg, algo)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pg_lm.run.config import arg
 
-ALGO_NAMES = ("reinforce", "reinforce-baseline", "a2c", "ppo")
+ALGO_NAMES = ("reinforce", "reinforce-baseline", "a2c", "ppo", "trpo")
 VECTOR_MODES = ("auto", "vector_entry_point", "sync")
 
 # Why these numbers (tuned for env steps first, then seconds, on a shared 2-core CPU; the
@@ -32,12 +32,24 @@ VECTOR_MODES = ("auto", "vector_entry_point", "sync")
 #   reward scaling, a small entropy bonus against early collapse of the log-std, and
 #   16 minibatches (rl-zoo's 64 took 4x the time and stalled too): -250 at 61-74k steps
 #   for seeds 0-7. gSDE (rl-zoo's choice) is left out.
+# * TRPO: rl-zoo's trpo.yml (sb3-contrib's TRPO) row by row, so that benchmarks/cartpole.py
+#   compares the two implementations at the same settings. Generic row: sb3-contrib's
+#   defaults (one 2048-step batch from 2 envs, critic lr 1e-3 constant, 10 critic passes of
+#   128-step minibatches, no gradient clip); the KL step itself is the flag defaults
+#   (δ 0.01, 10 CG iterations, damping 0.1, 10 backtracking steps of 0.8).
+#   CartPole: rl-zoo's row (2 x 512 steps, critic batch 512 = 2 minibatches, 20 critic passes,
+#   damping 1e-3, λ 0.98, γ 0.99) and sb3-contrib's 15 CG iterations: 475 at 45-70k steps
+#   (seeds 0-2). Pendulum: rl-zoo's row (2 x 1024 steps, γ 0.9, 15 critic passes, 15 CG
+#   iterations) without its gSDE, no entropy bonus (rl-zoo has none); the Pendulum row's
+#   obs and reward scaling stay: -300 at 51-61k steps (seeds 0-2; seed 0 without the scaling,
+#   as rl-zoo runs it: 63k instead of 53k).
 DEFAULTS: dict[tuple[str, str], dict] = {
     ("*", "*"): dict(
         total_steps=100_000, num_envs=8, n_steps=128, lr=3e-4, anneal_lr=True, gamma=0.99,
         gae_lambda=0.95, epochs=4, minibatches=4, clip=0.2, clip_value=0.0, ent_coef=0.0,
         vf_coef=0.5, max_grad_norm=0.5, norm_adv=True, hidden=[64, 64], obs_norm=False,
         reward_norm=False, log_std_init=0.0,
+        max_kl=0.01, cg_iters=10, cg_damping=0.1, line_search_steps=10, backtrack_ratio=0.8,
     ),
     ("*", "a2c"): dict(n_steps=8, lr=7e-4, norm_adv=False, epochs=1, minibatches=1),
     ("*", "reinforce"): dict(num_envs=4, n_steps=200, lr=1e-3, epochs=1, minibatches=1),
@@ -52,12 +64,22 @@ DEFAULTS: dict[tuple[str, str], dict] = {
         total_steps=150_000, num_envs=4, gamma=0.95, ent_coef=0.005, obs_norm=True, reward_norm=True,
     ),
     ("Pendulum-v1", "ppo"): dict(n_steps=1024, lr=1e-3, gae_lambda=0.95, epochs=10, minibatches=16),
+    ("*", "trpo"): dict(
+        num_envs=2, n_steps=1024, lr=1e-3, anneal_lr=False, epochs=10, minibatches=16, max_grad_norm=0.0,
+    ),
+    ("CartPole-v1", "trpo"): dict(
+        total_steps=100_000, n_steps=512, gamma=0.99, gae_lambda=0.98, epochs=20, minibatches=2,
+        cg_damping=1e-3, cg_iters=15,
+    ),
+    ("Pendulum-v1", "trpo"): dict(
+        total_steps=100_000, gamma=0.9, epochs=15, minibatches=16, cg_iters=15, ent_coef=0.0,
+    ),
 }
 
 
 @dataclass
 class GymConfig:
-    """Policy gradients (REINFORCE, REINFORCE with baseline, A2C, PPO) on Gymnasium vector envs.
+    """Policy gradients (REINFORCE, REINFORCE with baseline, A2C, PPO, TRPO) on Gymnasium vector envs.
 
     Flags left unset take the per-env / per-algorithm default (pg_lm/gym/config.py, DEFAULTS)."""
 
@@ -73,13 +95,13 @@ class GymConfig:
     vector_mode: str = arg("auto", "vectorisation: auto = the env's native vector version when it has one, else sync", VECTOR_MODES)
     # estimator
     gamma: float | None = arg(None, "discount factor")
-    gae_lambda: float | None = arg(None, "GAE λ (a2c, ppo)")
+    gae_lambda: float | None = arg(None, "GAE λ (a2c, ppo, trpo)")
     norm_adv: bool | None = arg(None, "whiten advantages (PPO: per minibatch; REINFORCE: whitens the returns)")
     # optimisation
-    lr: float | None = arg(None, "Adam learning rate")
+    lr: float | None = arg(None, "Adam learning rate (TRPO: the critic's)")
     anneal_lr: bool | None = arg(None, "decay the learning rate linearly to 0 over total_steps")
-    epochs: int | None = arg(None, "PPO passes over each rollout (other algorithms: 1)")
-    minibatches: int | None = arg(None, "PPO minibatches per pass (other algorithms: 1)")
+    epochs: int | None = arg(None, "PPO passes over each rollout; TRPO: critic regression passes (others: 1)")
+    minibatches: int | None = arg(None, "PPO minibatches per pass; TRPO: critic minibatches per pass (others: 1)")
     clip: float | None = arg(None, "PPO ratio clip ε")
     clip_value: float | None = arg(None, "PPO value-loss clip range (0 = off)")
     ent_coef: float | None = arg(None, "entropy bonus coefficient")
@@ -90,6 +112,12 @@ class GymConfig:
     obs_norm: bool | None = arg(None, "normalise observations with running mean/var (saved with the policy)")
     reward_norm: bool | None = arg(None, "scale rewards by the running std of the discounted return")
     log_std_init: float | None = arg(None, "initial log-std of the Gaussian head (continuous actions)")
+    # TRPO (pg_lm/gym/trpo.py): the actor's natural-gradient step
+    max_kl: float | None = arg(None, "TRPO: bound δ on the mean KL(π_old || π) of one update")
+    cg_iters: int | None = arg(None, "TRPO: conjugate-gradient iterations for F x = g")
+    cg_damping: float | None = arg(None, "TRPO: damping λ added to the Fisher matrix (F + λI)")
+    line_search_steps: int | None = arg(None, "TRPO: backtracking steps before the update is rejected")
+    backtrack_ratio: float | None = arg(None, "TRPO: factor by which the line search shrinks the step")
     # evaluation, logging
     target_return: float | None = arg(None, "stop early once a deterministic evaluation reaches this mean return")
     eval_episodes: int = arg(20, "deterministic evaluation episodes at the end (argmax / Gaussian mean)")
@@ -116,6 +144,14 @@ class GymConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        for name in ("max_kl", "cg_iters", "line_search_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.cg_damping is not None and self.cg_damping < 0:
+            raise ValueError(f"cg_damping must be >= 0, got {self.cg_damping}")
+        if self.backtrack_ratio is not None and not 0.0 < self.backtrack_ratio < 1.0:
+            raise ValueError(f"backtrack_ratio must be in (0, 1), got {self.backtrack_ratio}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) <= 0):
             raise ValueError(f"hidden must be a non-empty list of positive widths, got {self.hidden}")
         sizes = (self.num_envs, self.n_steps, self.minibatches)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pg_lm.core import entropy_from_logits
+from pg_lm.core import categorical_kl, entropy_from_logits, gaussian_kl
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -77,6 +77,14 @@ class Categorical(nn.Module):
     def entropy(self, logits: Tensor) -> Tensor:
         return entropy_from_logits(logits)  # (N,)
 
+    def snapshot(self, logits: Tensor) -> tuple[Tensor, ...]:
+        """The distribution's parameters, detached: the fixed ``old`` side of :meth:`kl`."""
+        return (logits.detach(),)
+
+    def kl(self, old: tuple[Tensor, ...], logits: Tensor) -> Tensor:
+        """Exact ``KL(π_old || π)`` per state (N,), differentiable in ``logits``."""
+        return categorical_kl(old[0], logits)
+
     def to_env(self, actions: Tensor) -> np.ndarray:
         return actions.numpy()
 
@@ -104,6 +112,15 @@ class Gaussian(nn.Module):
 
     def entropy(self, mean: Tensor) -> Tensor:
         return (0.5 + 0.5 * LOG_2PI + self.log_std).sum().expand(mean.shape[0])  # (N,)
+
+    def snapshot(self, mean: Tensor) -> tuple[Tensor, ...]:
+        """The distribution's parameters (mean (N, A), log-std (A,)), detached: the fixed
+        ``old`` side of :meth:`kl`."""
+        return mean.detach(), self.log_std.detach().clone()
+
+    def kl(self, old: tuple[Tensor, ...], mean: Tensor) -> Tensor:
+        """Exact ``KL(π_old || π)`` per state (N,), differentiable in ``mean`` and the log-std."""
+        return gaussian_kl(old[0], old[1], mean, self.log_std)
 
     def to_env(self, actions: Tensor) -> np.ndarray:
         return np.clip(actions.numpy(), self.low, self.high)

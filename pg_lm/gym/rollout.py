@@ -76,7 +76,7 @@ class Collector:
     """Steps the vector env with the policy and keeps the episode statistics.
 
     ``collect(n)`` returns the next ``n`` steps per env (envs carry on across calls:
-    a2c, ppo). ``collect(n, complete=True)`` returns whole episodes (reinforce): see there.
+    a2c, ppo, trpo). ``collect(n, complete=True)`` returns whole episodes (reinforce): see there.
     """
 
     def __init__(self, envs, policy: ActorCritic, seed: int, reward_scaler: RewardScaler | None = None):

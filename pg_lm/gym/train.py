@@ -1,4 +1,4 @@
-"""``pg-lm gym``: one training loop for REINFORCE, REINFORCE with baseline, A2C and PPO.
+"""``pg-lm gym``: one training loop for REINFORCE, REINFORCE with baseline, A2C, PPO and TRPO.
 
     collect a rollout -> algo.advantage (core: discounted_returns / gae) -> update (core
     losses) -> log -> [early stop on --target-return] ... -> evaluate -> write outputs
