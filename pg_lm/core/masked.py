@@ -36,13 +36,22 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sq / denom.clamp(min=1.0)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over unmasked positions; masked positions become 0.
 
     With ``shift_mean=False`` the mean is added back (scale only), as in TRL/OpenRLHF.
+    ``reduce``: a function that sums a tensor over every process holding a part of the batch
+    (e.g. ``lambda t: accelerator.reduce(t, "sum")``); the mean and the (unbiased) variance are
+    then those of the *global* batch, in two passes (sum and count, then the squared deviations),
+    so a batch split over processes is whitened exactly as it would be whole (REINFORCE++, Hu 2025:
+    advantages normalised over the global batch). None: this tensor alone.
     """
+    reduce = reduce or (lambda t: t)
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    s, n = reduce(torch.stack([masked_sum(x, mask), masked_sum(torch.ones_like(x), mask)]))  # (2,) -> 2 x ()
+    mean = s / n.clamp(min=1.0)
+    sq = reduce(masked_sum((x - mean) ** 2, mask).reshape(1))[0]
+    var = sq / (n - 1 if n > 1 else n).clamp(min=1.0)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
