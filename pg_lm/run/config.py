@@ -63,7 +63,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         tp, is_list = _base_type(hints[f.name])
         conv = _parse_bool if tp is bool else tp
         kw: dict[str, Any] = dict(help=f.metadata.get("help", ""), default=argparse.SUPPRESS)
-        kw["type"] = _none_or(conv)
+        # "none" is None, except for a field where it is one of the choices (--baseline none)
+        kw["type"] = conv if "none" in (f.metadata.get("choices") or ()) else _none_or(conv)
         if is_list:
             kw["nargs"] = "*"
         if tp is bool:
