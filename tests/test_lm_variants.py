@@ -68,6 +68,16 @@ def test_a_given_flag_equal_to_the_default_still_contradicts():
     assert LMConfig(loss_type="gspo", ratio_level="sequence").ratio_level == "sequence"  # agreeing: fine
 
 
+def test_a_scripts_defaults_give_way_to_a_preset_but_flags_do_not(capsys):
+    recipe = dict(baseline="loo", samples_per_prompt=8, clip_high=None)  # as recipes/arithmetic.py passes them
+    cfg = parse_config(LMConfig, ["--loss-type", "dapo"], **recipe)
+    assert cfg.baseline == "group_mean" and cfg.clip_high == 0.28 and cfg.samples_per_prompt == 8
+    assert parse_config(LMConfig, [], **recipe).baseline == "loo"
+    with pytest.raises(SystemExit):
+        parse_config(LMConfig, ["--loss-type", "dapo", "--baseline", "loo"], prog="pg-lm lm", **recipe)
+    assert "--loss-type dapo sets --baseline group_mean; --baseline loo contradicts it" in capsys.readouterr().err
+
+
 def test_a_preset_from_a_config_file_names_the_contradiction(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("loss_type: dr_grpo\nloss_agg: token-mean\n")

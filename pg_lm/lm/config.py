@@ -168,6 +168,13 @@ class LMConfig:
         if not self.sampler_is_cap >= 1.0:
             raise ValueError(f"--sampler-is-cap must be >= 1 (agreeing paths then get weight 1), got {self.sampler_is_cap}")
 
+    @staticmethod
+    def preset_fields(given: dict) -> set[str]:
+        """The fields that the ``loss_type`` in ``given`` (flags / a config file) sets: a script's own
+        defaults for them (``recipes/arithmetic.py``'s ``baseline="loo"``) give way to the preset."""
+        preset = PRESETS.get(given.get("loss_type"))
+        return set(preset.defining) | set(preset.tunable) if preset else set()
+
     @property
     def minibatch_rows(self) -> int:
         """Rows (sequences) per optimizer step on each process."""
