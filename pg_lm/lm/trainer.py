@@ -6,7 +6,8 @@ multi-process; the loss is normalised by *global* token counts so that the gradi
 does not depend on how a batch is split into micro-batches or processes.
 
 Deliberately left out: sequence packing, vLLM-style inference engines, reward
-models running on other processes, off-policy corrections for stale rollouts.
+models running on other processes, off-policy corrections for stale rollouts (only the
+sampler-learner mismatch of the same weights is corrected: ``--sampler-correction``).
 """
 
 from __future__ import annotations
