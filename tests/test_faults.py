@@ -1,6 +1,7 @@
 """The fault matrix (README, "Reliability"): each fault, injected, and what pg_lm does about it.
 
-* a NaN / inf in the reward, the advantage, a log-prob, the loss or a gradient: the update is
+* a NaN / inf in the reward, the sampler's log-probs, the advantage, a log-prob, an importance weight,
+  the loss or a gradient: the update is
   skipped (weights and optimizer state untouched) and counted (``health/skipped_steps``);
   ``--max-bad-steps`` in a row stop the run with an error naming the step and the quantity;
 * non-finite weights are never written to a checkpoint;
@@ -61,6 +62,22 @@ def inject(tr, monkeypatch, quantity: str, steps: set[int]) -> None:
             loss, clipped = real(logp, *a, **kw)
             return (loss * NAN if on() else loss), clipped
         monkeypatch.setattr(trainer_module, "policy_loss", policy_loss)
+    elif quantity == "sampler log-prob":
+        real = trainer_module.sample
+
+        def sample(*a, **kw):
+            b = real(*a, **kw)
+            if on():
+                b.sampler_logp = b.sampler_logp + NAN
+            return b
+        monkeypatch.setattr(trainer_module, "sample", sample)
+    elif quantity == "IS weight":
+        real = trainer_module.sampler_is_weights
+
+        def sampler_is_weights(*a, **kw):
+            w, capped = real(*a, **kw)
+            return (w * NAN if on() else w), capped
+        monkeypatch.setattr(trainer_module, "sampler_is_weights", sampler_is_weights)
     elif quantity == "gradient":
         p = tr.params[0]
         p.register_hook(lambda g: g * NAN if on() else g)

@@ -8,8 +8,21 @@ from .advantages import (
     group_std,
     last_step_mask,
     leave_one_out_baseline,
+    zero_spread_groups,
 )
-from .losses import AGG_MODES, KL_ESTIMATORS, aggregate, entropy_from_logits, kl_estimate, policy_loss, value_loss
+from .correction import SAMPLER_CORRECTIONS, sampler_is_weights, sampler_log_ratio
+from .losses import (
+    AGG_MODES,
+    KL_ESTIMATORS,
+    RATIO_LEVELS,
+    aggregate,
+    clip_fractions,
+    entropy_from_logits,
+    kl_estimate,
+    log_ratio,
+    policy_loss,
+    value_loss,
+)
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .natural import (
     backtracking_line_search,
@@ -22,10 +35,11 @@ from .natural import (
 )
 
 __all__ = [
-    "AGG_MODES", "KL_ESTIMATORS", "aggregate", "batch_mean_baseline", "discounted_returns",
-    "entropy_from_logits", "gae", "group_mean_baseline", "group_std", "kl_estimate",
-    "last_step_mask", "leave_one_out_baseline", "masked_mean", "masked_sum", "masked_var",
-    "masked_whiten", "policy_loss", "value_loss",
+    "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "batch_mean_baseline",
+    "clip_fractions", "discounted_returns", "entropy_from_logits", "gae", "group_mean_baseline", "group_std",
+    "kl_estimate", "last_step_mask", "leave_one_out_baseline", "log_ratio", "masked_mean", "masked_sum",
+    "masked_var", "masked_whiten", "policy_loss", "sampler_is_weights", "sampler_log_ratio", "value_loss",
+    "zero_spread_groups",
     # the natural-gradient (TRPO) step
     "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product", "flat_grad",
     "gaussian_kl", "step_scale",

@@ -190,3 +190,11 @@ def leave_one_out_baseline(scores: Tensor, group_size: int) -> Tensor:
         raise ValueError("a leave-one-out baseline needs group_size >= 2")
     shift, d = _shifted(_groups(scores, group_size))
     return (shift + (d.sum(1, keepdim=True) - d) / (group_size - 1)).reshape(-1)
+
+
+def zero_spread_groups(scores: Tensor, group_size: int) -> Tensor:
+    """DAPO (Yu et al. 2025, "DAPO: an open-source LLM RL system at scale", eq. 11, dynamic sampling):
+    which groups' G scores all agree (max == min). Under a group baseline their advantages are all 0,
+    so they carry no gradient. (B,) -> (B / G,) bool."""
+    g = _groups(scores, group_size)
+    return g.amax(1) == g.amin(1)

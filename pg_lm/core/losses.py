@@ -13,6 +13,7 @@ from .masked import masked_mean, masked_sum
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def _same_shape(**tensors: Tensor) -> None:
@@ -40,34 +41,93 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
 
 
+def log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor | None = None, level: str = "token") -> Tensor:
+    """Per-token log importance ratio ``log π_θ / π_old`` at the token or the sequence level. (B, T) -> (B, T).
+
+    * ``token`` (PPO, GRPO): ``logp_t - old_logp_t``.
+    * ``sequence`` (GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 7 and its
+      GSPO-token form, eq. 13): the length-normalised log-ratio of the whole completion
+      ``log s_i = (1 / |y_i|) sum_t mask_it (logp_it - old_logp_it)`` on every token, written as
+      ``sg[log s_i] + logp_t - sg[logp_t]``: the value is ``log s_i`` on each token and the
+      gradient of ``exp`` of it is ``s_i ∇ logp_t``, so that the mean over a completion's
+      tokens of ``-A_i exp(.)`` has exactly GSPO's gradient ``-A_i ∇ s_i``. ``mask`` is required.
+    """
+    _same_shape(logp=logp, old_logp=old_logp)
+    if level == "token":
+        return logp - old_logp
+    if level != "sequence":
+        raise ValueError(f"unknown ratio level {level!r}; choose one of {RATIO_LEVELS}")
+    if mask is None:
+        raise ValueError("a sequence-level ratio needs the completion mask")
+    _same_shape(logp=logp, mask=mask)
+    seq = masked_mean((logp - old_logp).detach(), mask, dim=1)  # (B,) log s_i
+    return seq[:, None] + logp - logp.detach()  # (B, T): value log s_i, gradient ∇ logp_t
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
     clip_low: float | None = None,
     clip_high: float | None = None,
+    clip_c: float | None = None,
+    ratio_level: str = "token",
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token policy-gradient loss and clip indicator, (B, T) -> ((B, T), (B, T)).
 
-    ``ratio = exp(logp - old_logp)``; without clipping the loss is ``-A * ratio``, whose
-    gradient at ``old_logp = logp.detach()`` is REINFORCE's ``-A ∇log π``. With clipping
-    (PPO, Schulman et al. 2017; separate bounds as in DAPO) it is
-    ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``.
+    ``ratio = exp(log_ratio(logp, old_logp, mask, ratio_level))``; without clipping the loss is
+    ``-A * ratio``, whose gradient at ``old_logp = logp.detach()`` is REINFORCE's ``-A ∇log π``.
+    With clipping (PPO, Schulman et al. 2017; separate bounds as in DAPO) it is
+    ``max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))``. ``clip_c`` (dual-clip PPO,
+    Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5) bounds the loss
+    of a negative advantage by ``-A c`` (c > 1): ``min(that, -A c)`` where ``A < 0``, so a token
+    whose ratio has grown far (``ratio > c``) cannot push the loss without limit.
+    ``ratio_level="sequence"`` is GSPO (see :func:`log_ratio`; pair it with the
+    ``seq-mean-token-mean`` aggregation for GSPO's objective). The indicator is 1 where a clipped
+    branch (either) set the loss.
 
     A token with ``A = 0`` (every token of an all-equal GRPO group) has loss, gradient
     and clip indicator exactly 0: its log-ratio is replaced by 0 before ``exp``, since
     ``0 * exp(log ratio)`` is NaN once the ratio overflows (log ratio > 88 in fp32).
     """
     _same_shape(logp=logp, old_logp=old_logp, advantages=advantages)
-    log_ratio = torch.where(advantages == 0, torch.zeros_like(logp), logp - old_logp)
-    ratio = torch.exp(log_ratio)
+    lr = log_ratio(logp, old_logp, mask, ratio_level)  # (B, T)
+    ratio = torch.exp(torch.where(advantages == 0, torch.zeros_like(lr), lr))
     loss = -advantages * ratio
-    if clip_low is None and clip_high is None:
-        return loss, torch.zeros_like(loss)
-    lo = 1.0 - (clip_low if clip_low is not None else float("inf"))
-    hi = 1.0 + (clip_high if clip_high is not None else float("inf"))
-    clipped = -advantages * ratio.clamp(lo, hi)
-    return torch.maximum(loss, clipped), (clipped > loss).to(loss.dtype)
+    out, clipped = loss, torch.zeros_like(loss)
+    if clip_low is not None or clip_high is not None:
+        lo = 1.0 - (clip_low if clip_low is not None else float("inf"))
+        hi = 1.0 + (clip_high if clip_high is not None else float("inf"))
+        c_loss = -advantages * ratio.clamp(lo, hi)
+        out, clipped = torch.maximum(loss, c_loss), (c_loss > loss).to(loss.dtype)
+    if clip_c is not None:
+        bound = -advantages * clip_c  # (B, T)
+        dual = (advantages < 0) & (out > bound)
+        out, clipped = torch.where(dual, bound, out), torch.maximum(clipped, dual.to(loss.dtype))
+    return out, clipped
+
+
+def clip_fractions(
+    ratio: Tensor,
+    advantages: Tensor,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    clip_c: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each clip of :func:`policy_loss` is active, as three (B, T) 0/1 tensors (low, high, dual).
+
+    ``low``: ``A < 0`` and ``ratio < 1 - clip_low`` (the probability of a bad token was already cut
+    enough); ``high``: ``A > 0`` and ``ratio > 1 + clip_high`` (a good token's probability was
+    already raised enough; DAPO's clip-higher moves this one); ``dual``: ``A < 0`` and
+    ``ratio > clip_c``. A bound left as None is never active. (B, T) -> 3 x (B, T).
+    """
+    _same_shape(ratio=ratio, advantages=advantages)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
+    low = (advantages < 0) & (ratio < 1.0 - clip_low) if clip_low is not None else never
+    high = (advantages > 0) & (ratio > 1.0 + clip_high) if clip_high is not None else never
+    dual = (advantages < 0) & (ratio > clip_c) if clip_c is not None else never
+    return low.to(ratio.dtype), high.to(ratio.dtype), dual.to(ratio.dtype)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None = None) -> Tensor:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pg_lm.core import AGG_MODES, KL_ESTIMATORS
+from pg_lm.core import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, SAMPLER_CORRECTIONS
 from pg_lm.run.config import arg
+
+from .presets import PRESETS, apply_preset, record_explicit
 
 ESTIMATORS = ("reinforce", "gae")
 BASELINES = ("none", "value", "batch_mean", "group_mean", "loo")
 
 
+@record_explicit  # which fields the caller gave: a preset fills only the others (see presets.py)
 @dataclass
 class LMConfig:
     """RL fine-tuning of a causal language model with policy gradients."""
@@ -34,10 +37,14 @@ class LMConfig:
     top_k: int = arg(0, "top-k sampling (0 = off)")
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     # estimator
+    loss_type: str | None = arg(None, "a preset under the name people know, expanding to the flags of docs/algorithms.md "
+                                "(printed and saved in config.json); a flag given with it overrides a tunable value, "
+                                "and one contradicting what defines the preset is an error", tuple(PRESETS))
     estimator: str = arg("reinforce", "advantage estimator: token-level REINFORCE or GAE with a value head", ESTIMATORS)
     baseline: str = arg("loo", "REINFORCE baseline (value = learned value head); ignored by gae, whose critic is the value head", BASELINES)
     scale_rewards: bool = arg(False, "divide advantages by the group's reward std (GRPO); needs baseline group_mean")
-    whiten_advantages: bool = arg(False, "whiten advantages over the batch (mean 0, std 1)")
+    whiten_advantages: bool = arg(False, "whiten advantages over the global batch, every process's tokens "
+                                  "(mean 0, std 1; REINFORCE++)")
     gamma: float = arg(1.0, "discount per token")
     lam: float = arg(0.95, "GAE λ")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
@@ -45,11 +52,24 @@ class LMConfig:
     micro_batch_size: int | None = arg(None, "rows per forward/backward (gradient accumulation); None = whole minibatch")
     clip_low: float | None = arg(None, "PPO clip ε below 1 (None = no clipping)")
     clip_high: float | None = arg(None, "PPO clip ε above 1 (defaults to clip_low when clip_low is set)")
+    clip_ratio_c: float | None = arg(None, "dual-clip PPO: the loss of a negative advantage is at most -A·c (c > 1; None = off)")
+    ratio_level: str = arg("token", "importance ratio of the policy loss: per token (PPO, GRPO) or per sequence, "
+                           "length-normalised and clipped per sequence (GSPO)", RATIO_LEVELS)
     value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off)")
     vf_coef: float = arg(0.1, "value-loss coefficient")
     skip_zero_advantage: bool = arg(True, "leave rows whose advantage is 0 on every token out of the backward "
                                     "pass when they cannot change the gradient (no value loss, entropy or KL loss)")
     loss_agg: str = arg("token-mean", "how per-token losses reduce to a scalar", AGG_MODES)
+    dynamic_sampling: bool = arg(False, "DAPO: groups whose rewards all agree are dropped and more prompts sampled until "
+                                 "the step holds --prompts-per-step informative groups (needs --samples-per-prompt >= 2)")
+    max_sampling_rounds: int = arg(3, "dynamic sampling: extra sampling rounds per step at most; when reached, a warning, "
+                                   "and the batch is filled up with zero-spread groups")
+    sampler_correction: str = arg("none", "correct for the sampler's log-probs differing from the learner's (bf16 "
+                                  "sampling copy, CPU decode layer): truncated importance sampling min(ρ, cap), or "
+                                  "mask tokens with ρ > cap (ρ = π_learner / π_sampler); the gap is logged either way",
+                                  SAMPLER_CORRECTIONS)
+    sampler_is_cap: float = arg(2.0, "the cap C of --sampler-correction (>= 1)")
+    sampler_is_level: str = arg("token", "ρ per token, or per sequence (the product over its tokens)", ("token", "sequence"))
     # regularisation
     kl_coef: float = arg(0.0, "KL-to-reference coefficient β (0 = no reference model)")
     kl_estimator: str = arg("k3", "KL estimator (k1 only in the reward)", KL_ESTIMATORS)
@@ -96,6 +116,8 @@ class LMConfig:
     progress: bool = arg(True, "show a progress bar")
 
     def __post_init__(self):
+        if self.loss_type is not None:
+            apply_preset(self)
         if self.clip_high is None and self.clip_low is not None:
             self.clip_high = self.clip_low
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
@@ -134,6 +156,24 @@ class LMConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 (or None for no limit), got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ValueError(f"--micro-batch-size must be > 0, got {self.micro_batch_size}")
+        if self.ratio_level == "sequence" and self.uses_value_head:
+            raise ValueError("--ratio-level sequence (GSPO) has one advantage per completion; a value head's per-token "
+                             f"advantages need --ratio-level token (got --estimator {self.estimator} --baseline {self.baseline})")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
+            raise ValueError(f"--clip-ratio-c must be > 1 (or None for off), got {self.clip_ratio_c}")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError("--dynamic-sampling needs --samples-per-prompt >= 2 (a group of one has no reward spread)")
+        if self.max_sampling_rounds < 0:
+            raise ValueError(f"--max-sampling-rounds must be >= 0, got {self.max_sampling_rounds}")
+        if not self.sampler_is_cap >= 1.0:
+            raise ValueError(f"--sampler-is-cap must be >= 1 (agreeing paths then get weight 1), got {self.sampler_is_cap}")
+
+    @staticmethod
+    def preset_fields(given: dict) -> set[str]:
+        """The fields that the ``loss_type`` in ``given`` (flags / a config file) sets: a script's own
+        defaults for them (``recipes/arithmetic.py``'s ``baseline="loo"``) give way to the preset."""
+        preset = PRESETS.get(given.get("loss_type"))
+        return set(preset.defining) | set(preset.tunable) if preset else set()
 
     @property
     def minibatch_rows(self) -> int:

@@ -31,6 +31,7 @@ class Rollout:
     completions: list[str]  # (B,) decoded completions (special tokens stripped)
     columns: dict = field(default_factory=dict)  # other dataset fields, each a (B,) list
     logp: Tensor | None = None  # (B, T) log π_old(token) from the learner, no grad
+    sampler_logp: Tensor | None = None  # (B, T) log-prob of each token as the sampler drew it (its own numeric path), 0 on padding
     ref_logp: Tensor | None = None  # (B, T) log π_ref(token)
     values: Tensor | None = None  # (B, T) V(s_t) before token t
     rewards: Tensor | None = None  # (B, T) per-token reward (task reward on the last token, - KL)
@@ -57,6 +58,41 @@ class Rollout:
                 kw[name] = val
         kw["group_size"] = group_size
         return Rollout(**kw)
+
+
+def _pad(x: Tensor, width: int, value, left: bool = False) -> Tensor:
+    """``x`` (B, w) padded with ``value`` to (B, width), on the right (or the left)."""
+    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+    return torch.cat([pad, x] if left else [x, pad], 1)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """The rows of every rollout in ``parts``, in order, as one (all of the same group size; prompts
+    are left-padded and completions right-padded to the widest). Fields set in only some parts
+    are an error: the trainer joins rollouts before it adds log-probs and values."""
+    first = parts[0]
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+    kw = {}
+    for name, val in first.__dict__.items():
+        vals = [getattr(r, name) for r in parts]
+        if isinstance(val, Tensor) and val.dim() == 2:  # (B, P) prompt side, (B, T) completion side
+            left = name.startswith("prompt")
+            width, fill = (P, pad_id if name == "prompt_ids" else 0) if left else (T, pad_id if name == "completion_ids" else 0)
+            kw[name] = torch.cat([_pad(v, width, fill, left) for v in vals])
+        elif isinstance(val, Tensor):
+            kw[name] = torch.cat(vals)
+        elif isinstance(val, list):
+            kw[name] = [x for v in vals for x in v]
+        elif isinstance(val, dict):
+            kw[name] = {k: [x for v in vals for x in v[k]] for k in val}
+        elif val is None:
+            if any(v is not None for v in vals):
+                raise ValueError(f"rollout field {name} is set in only some of the parts")
+            kw[name] = None
+        else:
+            kw[name] = val
+    return Rollout(**kw)
 
 
 def format_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[str]:
@@ -166,8 +202,10 @@ def draw(probs: Tensor) -> Tensor:
 @torch.no_grad()
 def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False) -> Tensor:
-    """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids.
+             top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False, logprobs: bool = False):
+    """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids
+    (with ``logprobs``: and the (N * G, T) fp32 log-prob of each drawn token under the sampler's
+    logits, ``log softmax(logits / temperature)`` before top-k / top-p, as the learner computes it).
 
     Each prompt is encoded once by the model's forward; its KV cache is repeated for its G
     samples, and each step is one forward of the new tokens on that cache (device-agnostic: the
@@ -198,10 +236,13 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
         eos = torch.tensor(eos_ids, device=prompt_ids.device)
         done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
         decoder = LlamaDecoder(lm, cache, am, max_new_tokens, projections) if fast else None
-        tokens = []
+        tokens, logps = [], []
         for t in range(max_new_tokens):
             tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
             tokens.append(tok)
+            if logprobs:
+                lsm = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
+                logps.append(lsm.gather(-1, tok[:, None]).squeeze(-1))  # (B,)
             done = done | torch.isin(tok, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
@@ -213,6 +254,8 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
                          **{kw: cache})
                 logits = out.logits[:, -1]
             next_pos = next_pos + 1
+        if logprobs:
+            return torch.stack(tokens, 1), torch.stack(logps, 1)  # (B, T), (B, T)
         return torch.stack(tokens, 1)  # (B, T)
 
 
@@ -232,19 +275,23 @@ def sample(
     max_prompt_length: int | None = None,
     cpu_layer: bool = False,
     truncate_prompts: bool = False,
+    logprobs: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM with its
     full weights; ``cpu_layer``: decode with pg_lm/lm/cpu (:func:`generate`); ``truncate_prompts``:
-    a prompt over ``max_prompt_length`` keeps its last tokens (else it is an error)."""
+    a prompt over ``max_prompt_length`` keeps its last tokens (else it is an error); ``logprobs``:
+    record the sampler's log-probs (``Rollout.sampler_logp``)."""
     device = next(lm.parameters()).device
     ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length, truncate_prompts)
     ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)
-    comp = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,
-                    temperature, top_p, top_k, cpu_layer)  # (B, T)
+    out = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,
+                   temperature, top_p, top_k, cpu_layer, logprobs)
+    comp, lp = out if logprobs else (out, None)  # (B, T), (B, T) or None
     mask, truncated = completion_mask_from_ids(comp, eos)
     T = max(int(mask.sum(1).max()), 1)  # trim columns that are padding in every row
     comp, mask = comp[:, :T], mask[:, :T]
+    lp = torch.where(mask.bool(), lp[:, :T], 0.0) if lp is not None else None
     lengths = mask.sum(1).long().tolist()
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(comp.tolist(), lengths)]
     rep = lambda xs: [x for x in xs for _ in range(num_samples)]
@@ -252,5 +299,5 @@ def sample(
         prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=am.repeat_interleave(num_samples, 0),
         completion_ids=comp, completion_mask=mask, truncated=truncated,
         prompts=rep(prompts), completions=texts, columns={k: rep(v) for k, v in columns.items()},
-        group_size=num_samples,
+        sampler_logp=lp, group_size=num_samples,
     )

@@ -30,6 +30,7 @@ from pg_lm.run.checkpoints import clear
 from . import cpu
 from .checkpoint import load_trainer_state, resumable, trim_logs
 from .policy import load_policy
+from .presets import describe, summary_line
 
 
 def _env_flag(name: str) -> bool:
@@ -197,6 +198,9 @@ def build(trainer) -> None:
     trainer.writer.write_json("config.json", {**to_dict(cfg), "num_processes": acc.num_processes,
                                               "distributed_type": str(acc.distributed_type).split(".")[-1],
                                               "resolved_mixed_precision": acc.mixed_precision,
-                                              "cpu_layer": cpu_layer_record(cfg.cpu_layer, run, policy.lm, grouped, trainer.sampler)})
+                                              "cpu_layer": cpu_layer_record(cfg.cpu_layer, run, policy.lm, grouped, trainer.sampler),
+                                              "preset": describe(cfg)})
+    if cfg.loss_type is not None:
+        acc.print(summary_line(cfg))
     t0 = time.perf_counter()
     trainer.elapsed = lambda: time.perf_counter() - t0 + trainer.prior_wall_s

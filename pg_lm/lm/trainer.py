@@ -6,7 +6,8 @@ multi-process; the loss is normalised by *global* token counts so that the gradi
 does not depend on how a batch is split into micro-batches or processes.
 
 Deliberately left out: sequence packing, vLLM-style inference engines, reward
-models running on other processes, off-policy corrections for stale rollouts.
+models running on other processes, off-policy corrections for stale rollouts (only the
+sampler-learner mismatch of the same weights is corrected: ``--sampler-correction``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
-from pg_lm.core import aggregate, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
+from pg_lm.core import (
+    aggregate,
+    clip_fractions,
+    kl_estimate,
+    log_ratio,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    sampler_is_weights,
+    value_loss,
+    zero_spread_groups,
+)
 
 from . import estimate
 from .checkpoint import save_checkpoint
@@ -29,11 +41,11 @@ from .config import LMConfig
 from .evaluate import evaluate
 from .peers import PeerWatch
 from .rewards import RewardSet
-from .sampling import Rollout, fit_prompts, sample
+from .sampling import Rollout, concat_rollouts, fit_prompts, sample
 
 
 # the quantities checked for NaN / inf each step, in the order they are computed
-QUANTITIES = ("reward", "advantage", "log-prob", "loss", "gradient")
+QUANTITIES = ("reward", "sampler log-prob", "advantage", "log-prob", "IS weight", "loss", "gradient")
 
 
 class NonFiniteError(RuntimeError):
@@ -162,17 +174,23 @@ class Trainer:
         return min(p, 1.0)
 
     # ------------------------------------------------------------------ data
-    def _prompts(self, step: int) -> tuple[list[str], dict]:
-        """This process's prompts for ``step``: a seeded permutation per epoch, sliced by rank."""
+    def _prompts(self, step: int, round: int = 0) -> tuple[list[str], dict]:
+        """This process's prompts for ``step``: a seeded permutation per epoch, sliced by rank.
+        ``round`` k > 0 (dynamic sampling's extra rounds): a permutation seeded by (seed, step, k),
+        sliced by rank; a function of the step like the rest, so a resumed run draws the same."""
         n, per = len(self.train_ds), self.cfg.prompts_per_step
         world, rank = self.acc.num_processes, self.acc.process_index
-        start = step * per * world + rank * per
-        idx = []
-        for k in range(start, start + per):
-            epoch, pos = divmod(k, n)
-            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        if round:
+            g = torch.Generator().manual_seed((1 << 40) + (self.cfg.seed * 1_000_003 + step) * 1009 + round)
             perm = torch.randperm(n, generator=g)  # host: read back as ints, the same on every process
-            idx.append(int(perm[pos]))
+            idx = [int(perm[(rank * per + k) % n]) for k in range(per)]
+        else:
+            idx, start = [], step * per * world + rank * per
+            for k in range(start, start + per):
+                epoch, pos = divmod(k, n)
+                g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+                perm = torch.randperm(n, generator=g)  # host: read back as ints, the same on every process
+                idx.append(int(perm[pos]))
         rows = self.train_ds.select(idx)
         cols = {c: rows[c] for c in rows.column_names if c != "prompt"}
         return rows["prompt"], cols
@@ -214,25 +232,82 @@ class Trainer:
 
         return self.acc.unwrap_model(self.policy).lm, context
 
-    def rollout(self) -> tuple[Rollout, dict]:
+    def _draw(self, prompts: list[str], cols: dict, lm, context) -> tuple[Rollout, dict]:
+        """(G scored completions of each prompt, the per-function rewards (B,) each): ``rewards`` holds
+        the dense task reward (B, T) with the overlong penalty, ``scores`` its sum (B,), ``sampler_logp``
+        the sampler's log-probs."""
         cfg = self.cfg
-        prompts, cols = self._prompts(self.step)
-        lm, context = self.sampling_lm()
-        t0 = time.perf_counter()
-        self.policy.eval()
         with context():
             batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
                            max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer,
-                           truncate_prompts=cfg.long_prompts == "truncate-left")
-        gen_s = time.perf_counter() - t0
+                           truncate_prompts=cfg.long_prompts == "truncate-left", logprobs=True)
         mask = batch.completion_mask
         per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
         dense = dense.to(mask.device)
         if cfg.overlong_penalty:
             last = (batch.lengths - 1).clamp(min=0)
             dense[batch.truncated, last[batch.truncated]] += cfg.overlong_penalty
-        batch.scores = dense.sum(1)  # (B,)
+        batch.rewards, batch.scores = dense, dense.sum(1)  # (B, T), (B,)
+        return batch, per_fn
+
+    def _informative(self, first: Rollout, zero: Tensor, lm, context) -> tuple[Rollout, dict]:
+        """DAPO's dynamic sampling (Yu et al. 2025): ``first``'s groups with a reward spread, then those
+        of extra rounds (prompts of :meth:`_prompts` round 1, 2, ...), up to ``prompts_per_step``
+        groups, in at most ``max_sampling_rounds`` extra rounds. Every process samples every round
+        (sampling may be collective, FSDP2) until all are full. Still short then: a warning, and the
+        batch is filled up with ``first``'s zero-spread groups, whose advantages are 0 under a group
+        baseline: the step trains on the informative groups it has."""
+        cfg, acc, G, need = self.cfg, self.acc, self.cfg.samples_per_prompt, self.cfg.prompts_per_step
+        parts, keep, rounds = [first], [~zero], 0  # keep: (groups,) bool per part
+        while True:
+            short = need - sum(int(k.sum()) for k in keep)
+            if acc.num_processes > 1:
+                short = int(acc.reduce(torch.tensor([short], device=acc.device), "max"))
+            if short <= 0 or rounds == cfg.max_sampling_rounds:
+                break
+            rounds += 1
+            part, _ = self._draw(*self._prompts(self.step, rounds), lm, context)
+            parts.append(part)
+            keep.append(~zero_spread_groups(part.scores, G))
+        chosen = [(i, g) for i, k in enumerate(keep) for g in k.nonzero().flatten().tolist()][:need]
+        filler = need - len(chosen)
+        chosen += [(0, g) for g in zero.nonzero().flatten().tolist()][:filler]
+        if short > 0:
+            acc.print(f"step {self.step + 1}: dynamic sampling is {short} informative group(s) short after "
+                      f"--max-sampling-rounds {cfg.max_sampling_rounds}; the batch is filled up with zero-spread groups")
+        picked = []
+        for i, part in enumerate(parts):
+            groups = sorted(g for j, g in chosen if j == i)
+            if groups:
+                rows = torch.tensor([g * G + k for g in groups for k in range(G)], device=part.prompt_ids.device)
+                picked.append(part.select(rows, group_size=G))
+        return concat_rollouts(picked, self.tok.pad_token_id), {
+            "sampling/rounds": rounds, "sampling/cap_reached": float(short > 0), "sampling/filler_frac": filler / need}
+
+    def rollout(self) -> tuple[Rollout, dict]:
+        """Sample and score this step's batch, with the learner's log-probs and values when needed.
+        The reward and completion statistics are those of the first sampling round (the policy's own
+        draws, with or without dynamic sampling)."""
+        cfg = self.cfg
+        lm, context = self.sampling_lm()
+        t0 = time.perf_counter()
+        self.policy.eval()
+        batch, per_fn = self._draw(*self._prompts(self.step), lm, context)
+        lengths = batch.completion_mask.sum(1).float()  # (B,)
+        stats = {"reward/mean": batch.scores.mean(), "reward/std": batch.scores.std() if len(batch.scores) > 1 else 0.0,
+                 **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
+                 "completion/length": lengths.mean(), "completion/length_max": lengths.max(),
+                 "completion/truncated_frac": batch.truncated.float().mean()}
+        if cfg.samples_per_prompt > 1:
+            zero = zero_spread_groups(batch.scores, cfg.samples_per_prompt)  # (groups,)
+            stats["reward/zero_spread_frac"] = zero.float().mean()
+            if cfg.dynamic_sampling:
+                batch, more = self._informative(batch, zero, lm, context)
+                stats.update(more)
+                stats["reward/trained_mean"] = batch.scores.mean()
+        stats["perf/gen_s"] = time.perf_counter() - t0
+        mask, dense = batch.completion_mask, batch.rewards
         batch.ref_logp = self._ref_logp(batch)
         if cfg.reuses_rollout or cfg.uses_value_head or batch.ref_logp is not None:
             batch.logp, batch.values, _ = self._forward(batch, grad=False)
@@ -241,10 +316,6 @@ class Trainer:
         if kl is None and batch.ref_logp is not None:
             kl = kl_estimate(batch.logp, batch.ref_logp, cfg.kl_estimator) * mask
         batch.rewards = rewards
-        stats = {"reward/mean": batch.scores.mean(), "reward/std": batch.scores.std() if len(batch.scores) > 1 else 0.0,
-                 **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
-                 "completion/length": mask.sum(1).float().mean(), "completion/truncated_frac": batch.truncated.float().mean(),
-                 "perf/gen_s": gen_s}
         if kl is not None:
             stats["kl/ref"] = kl.sum(1).mean()  # per sequence
         return batch, stats
@@ -262,11 +333,27 @@ class Trainer:
         def agg(x, d=denoms):
             return aggregate(x, mask, cfg.loss_agg, num_tokens=d[0], num_seqs=d[1], norm_len=cfg.max_new_tokens)
 
-        pg, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high)
-        loss = agg(pg)
-        parts = {"loss/policy": loss.detach(), "policy/clip_frac": agg(clipped, stat_denoms),
-                 "policy/entropy": agg(entropy.detach(), stat_denoms),
+        pg, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, cfg.clip_ratio_c, cfg.ratio_level, mask)
+        ratio = torch.exp(log_ratio(logp.detach(), old, mask, cfg.ratio_level))  # (B, T)
+        low, high, dual = clip_fractions(ratio, adv, cfg.clip_low, cfg.clip_high, cfg.clip_ratio_c)
+        parts = {"policy/clip_frac": agg(clipped, stat_denoms), "policy/clip_frac_low": agg(low, stat_denoms),
+                 "policy/clip_frac_high": agg(high, stat_denoms), "policy/entropy": agg(entropy.detach(), stat_denoms),
+                 "policy/entropy_sampled": agg(-old, stat_denoms),  # -log π_old of the drawn tokens: entropy's estimate
                  "policy/approx_kl": agg(0.5 * (logp.detach() - old) ** 2, stat_denoms)}
+        if cfg.clip_ratio_c is not None:
+            parts["policy/clip_frac_dual"] = agg(dual, stat_denoms)
+        if mb.sampler_logp is not None:  # the learner's π_old against the sampler's numbers for the same tokens
+            w, capped = sampler_is_weights(old, mb.sampler_logp, mask, cfg.sampler_correction, cfg.sampler_is_cap,
+                                           cfg.sampler_is_level)  # (B, T) each
+            self._bad = self._bad or _nonfinite({"IS weight": w}, mask)
+            if cfg.sampler_correction != "none":
+                pg = pg * w
+                parts.update({"sampler/is_weight": agg(w, stat_denoms), "sampler/is_capped_frac": agg(capped, stat_denoms)})
+            gap = torch.where(mask.bool(), old - mb.sampler_logp, 0.0)  # (B, T)
+            parts.update({"sampler/logp_gap": agg(gap.abs(), stat_denoms), "sampler/logp_gap_max": gap.abs().max(),
+                          "sampler/kl": agg(kl_estimate(mb.sampler_logp, old, "k3"), stat_denoms)})
+        loss = agg(pg)
+        parts["loss/policy"] = loss.detach()
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * agg(entropy)
         if values is not None and returns is not None:
@@ -341,7 +428,7 @@ class Trainer:
                     mb = batch.select(chunk.to(batch.prompt_ids.device), group_size=share)
                     T = max(int(mb.completion_mask.sum(1).max()), 1)  # trim padding columns
                     mb.completion_ids, mb.completion_mask = mb.completion_ids[:, :T], mb.completion_mask[:, :T]
-                    for name in ("logp", "ref_logp", "values"):
+                    for name in ("logp", "ref_logp", "values", "sampler_logp"):
                         if getattr(mb, name) is not None:
                             setattr(mb, name, getattr(mb, name)[:, :T])
                     ret = returns[chunk, :T] if returns is not None else None
@@ -350,8 +437,9 @@ class Trainer:
                         loss, parts = self._micro_loss(mb, adv[chunk, :T], ret, (n_tok, n_seq), stat_denoms)
                         # DDP averages gradients over processes; the loss is already a global sum
                         acc.backward(loss * acc.num_processes)
-                    for k, v in parts.items():
-                        totals[k] = totals.get(k, 0.0) + float(v) / (cfg.ppo_epochs * cfg.num_minibatches)
+                    for k, v in parts.items():  # means over the update, maxima for the "_max" keys
+                        totals[k] = (max(totals.get(k, -math.inf), float(v)) if k.endswith("_max") else
+                                     totals.get(k, 0.0) + float(v) / (cfg.ppo_epochs * cfg.num_minibatches))
                 for p in self.params:  # no backward ran (every row skipped): step AdamW as a zero gradient would
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -410,8 +498,11 @@ class Trainer:
         cfg = self.cfg
         adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
                                            batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
-        if cfg.whiten_advantages:
-            adv = masked_whiten(adv, batch.completion_mask)
+        if cfg.whiten_advantages:  # over the global batch: every process's tokens (REINFORCE++)
+            reduce = None
+            if self.acc.num_processes > 1:  # op "sum" / "max" over every process's value
+                reduce = lambda t, op: getattr(self.acc.gather(t[None]), {"sum": "sum", "max": "amax"}[op])(0)  # noqa: E731
+            adv = masked_whiten(adv, batch.completion_mask, reduce=reduce)
         return adv, returns
 
     def train_step(self) -> dict:
@@ -421,8 +512,8 @@ class Trainer:
         batch, stats = self.rollout()
         adv, returns = self.advantages(batch)
         t1 = time.perf_counter()
-        bad = self._agree(_nonfinite({"reward": batch.rewards, "advantage": adv, "log-prob": batch.logp},
-                                     batch.completion_mask))
+        bad = self._agree(_nonfinite({"reward": batch.rewards, "sampler log-prob": batch.sampler_logp, "advantage": adv,
+                                      "log-prob": batch.logp}, batch.completion_mask))
         if bad is None:  # a non-finite rollout is not trained on at all
             stats.update(self.update(batch, adv, returns))
             bad = self._update_bad
@@ -430,9 +521,14 @@ class Trainer:
         stats["health/skipped_steps"] = self.skipped_steps
         if returns is not None and batch.values is not None:
             stats["value/explained_var"] = estimate.explained_variance(batch.values, returns, batch.completion_mask)
-        keys = sorted(stats)  # one all-reduce for every scalar: means over processes
-        vals = self.acc.reduce(torch.tensor([float(stats[k]) for k in keys], device=self.acc.device), "mean")
-        stats = dict(zip(keys, vals.tolist()))
+        out = {}
+        for how in ("mean", "max"):  # one all-reduce per kind for every scalar: means (maxima for "_max") over processes
+            keys = sorted(k for k in stats if k.endswith("_max") == (how == "max"))
+            if not keys:
+                continue
+            vals = self.acc.reduce(torch.tensor([float(stats[k]) for k in keys], device=self.acc.device), how)
+            out.update(zip(keys, vals.tolist()))
+        stats = out
         if "kl/ref" in stats and cfg.kl_target is not None:
             self._adapt_kl(stats["kl/ref"])
         tokens = float(self.acc.reduce(batch.completion_mask.sum().reshape(1), "sum"))

@@ -63,7 +63,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         tp, is_list = _base_type(hints[f.name])
         conv = _parse_bool if tp is bool else tp
         kw: dict[str, Any] = dict(help=f.metadata.get("help", ""), default=argparse.SUPPRESS)
-        kw["type"] = _none_or(conv)
+        # "none" is None, except for a field where it is one of the choices (--baseline none)
+        kw["type"] = conv if "none" in (f.metadata.get("choices") or ()) else _none_or(conv)
         if is_list:
             kw["nargs"] = "*"
         if tp is bool:
@@ -123,21 +124,26 @@ def from_dict(cls: type[C], values: dict, source: str = "config") -> C:
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None = None, **defaults: Any) -> C:
-    """Parse flags into ``cls``. Precedence: flags > ``--config`` file > ``defaults`` > field defaults.
+    """Parse flags into ``cls``. Precedence: flags > ``--config`` file > ``defaults`` > field defaults;
+    a preset given by flag or file (``--loss-type``) comes before ``defaults`` for the fields it sets.
 
     Validation errors raised by ``cls.__post_init__`` (ValueError) exit with a one-line
     message instead of a traceback.
     """
     parser = build_parser(cls, prog=prog)
     ns = vars(parser.parse_args(argv))
-    values = dict(defaults)
+    given = {}
     cfg_path = ns.pop("config", None)
     if cfg_path:
         try:
-            values.update({k.replace("-", "_"): v for k, v in load_file(cfg_path).items()})
+            given.update({k.replace("-", "_"): v for k, v in load_file(cfg_path).items()})
         except OSError as e:
             parser.error(f"cannot read --config {cfg_path}: {e}")
-    values.update(ns)
+    given.update(ns)
+    # a script's defaults yield to what a preset the user asked for sets (``cls.preset_fields``)
+    yielding = cls.preset_fields(given) if hasattr(cls, "preset_fields") else set()
+    values = {k: v for k, v in defaults.items() if k not in yielding}
+    values.update(given)
     try:
         return from_dict(cls, values, source=cfg_path or "defaults")
     except (ValueError, TypeError) as e:  # one line, not the whole usage
