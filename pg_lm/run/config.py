@@ -64,8 +64,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         conv = _parse_bool if tp is bool else tp
         kw: dict[str, Any] = dict(help=f.metadata.get("help", ""), default=argparse.SUPPRESS)
         kw["type"] = _none_or(conv)
-        if is_list:
-            kw["nargs"] = "*"
+        if is_list:  # --reward a --reward b and --reward a b both give [a, b]
+            kw.update(nargs="*", action="extend")
         if tp is bool:
             kw.update(nargs="?", const=True)
         if f.metadata.get("choices"):
