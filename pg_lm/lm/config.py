@@ -220,3 +220,22 @@ class LMConfig(PromptConfig):
     def reuses_rollout(self) -> bool:
         """Whether a rollout feeds more than one optimizer step (then π_old must be stored)."""
         return self.ppo_epochs > 1 or self.num_minibatches > 1
+
+
+@dataclass
+class EvalConfig(PromptConfig):
+    """Evaluate a model, or what a run trained, on a task or a dataset: greedy reward and accuracy,
+    pass@k from sampled completions, completion length, the fraction cut at the token limit."""
+
+    model: str | None = arg(None, "model: a name, folder or full checkpoint (None = the base the --adapter's run trained)")
+    adapter: str | None = arg(None, "a LoRA adapter to merge into --model: RUN_DIR/checkpoint-last, or the run folder")
+    eval_size: int | None = arg(None, "prompts evaluated (None = all)")
+    eval_max_new_tokens: int | None = arg(None, "completion token limit (None = the run's --max-new-tokens when "
+                                          "evaluating a run's checkpoint, else the training default)")
+    output_dir: str = arg("runs/eval", "where eval.json and eval_samples.jsonl go")
+    seed: int = arg(0, "random seed (sampled completions)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model is None and self.adapter is None:
+            raise ValueError("give --model, --adapter RUN_DIR/checkpoint-last, or both")
