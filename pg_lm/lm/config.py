@@ -98,8 +98,10 @@ class LMConfig(PromptConfig):
     max_steps: int = arg(200, "optimizer steps (each: sample, score, update)")
     max_seconds: float | None = arg(None, "stop training after this many seconds (final evaluation still runs)")
     prompts_per_step: int = arg(4, "prompts per step per process")
-    samples_per_prompt: int = arg(4, "G: completions sampled per prompt")
-    max_new_tokens: int = arg(24, "completion token limit during training")
+    # 8 samples and 16 tokens: the arithmetic recipe's measured best (held-out accuracy 0.01 -> 0.84 in 640 s on
+    # 2 CPU cores); more samples per prompt give the leave-one-out baseline a steadier estimate per step
+    samples_per_prompt: int = arg(8, "G: completions sampled per prompt")
+    max_new_tokens: int = arg(16, "completion token limit during training (also the evaluation's, by default)")
     # estimator
     estimator: str = arg("reinforce", "advantage estimator: token-level REINFORCE or GAE with a value head", ESTIMATORS)
     baseline: str = arg("loo", "REINFORCE baseline (value = learned value head); ignored by gae, whose critic is the value head", BASELINES)
@@ -126,14 +128,17 @@ class LMConfig(PromptConfig):
     entropy_coef: float = arg(0.0, "entropy bonus coefficient")
     overlong_penalty: float = arg(0.0, "added to the reward of completions that hit max_new_tokens without EOS")
     # optimisation
-    lr: float = arg(1e-5, "learning rate (AdamW)")
+    # 2e-4 with LoRA r16 and cosine decay: the arithmetic recipe's measured best; full fine-tuning wants about
+    # a tenth (--lora-r 0 --lr 2e-5)
+    lr: float = arg(2e-4, "learning rate (AdamW)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     warmup_steps: int = arg(0, "linear learning-rate warm-up steps")
-    lr_schedule: str = arg("constant", "learning rate after warm-up: constant, or linear / cosine decay to 0 over the "
+    lr_schedule: str = arg("cosine", "learning rate after warm-up: constant, or linear / cosine decay to 0 over the "
                            "run (steps over --max-steps, or time over --max-seconds when that is further along)",
                            ("constant", "linear", "cosine"))
     max_grad_norm: float | None = arg(1.0, "gradient clipping (None or 0 = off)")
-    lora_r: int = arg(0, "LoRA rank (0 = full fine-tuning)")
+    # LoRA r16: the recipe's measured best, and a checkpoint of a few MB instead of the whole model
+    lora_r: int = arg(16, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = arg(32, "LoRA α")
     lora_dropout: float = arg(0.0, "LoRA dropout")
     lora_target_modules: list[str] = arg(["all-linear"], "LoRA target modules (names, or all-linear)")
