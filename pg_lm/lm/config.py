@@ -12,7 +12,7 @@ ESTIMATORS = ("reinforce", "gae")
 BASELINES = ("none", "value", "batch_mean", "group_mean", "loo")
 
 
-TASK_NAMES = ("arithmetic",)
+TASK_NAMES = ("arithmetic", "countdown", "tagged", "counting")  # pg_lm.tasks.TASKS (a test keeps them equal)
 
 
 @dataclass
