@@ -148,3 +148,30 @@ def test_an_adapter_that_does_not_fit_the_base_is_one_line(lora_run, tiny_gpt2_d
     assert code == 2 and "Traceback" not in err and errors == [
         f"error: --adapter {lora_run}/checkpoint-last does not match the base model {tiny_gpt2_dir}: the modules it "
         "adapts are not in the base model"], err
+
+
+def test_the_documented_three_commands_work(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    """docs/data-and-rewards.md's first commands, JSONL and reward file, as a user copies them (plus a tiny
+    model and budget): train on a JSONL with a reward file, evaluate, export."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data-and-rewards.md").read_text()
+    commands = re.search(r"```bash\n(.*?)```", doc, re.S).group(1)
+    rows = re.search(r"```json\n(.*?)```", doc, re.S).group(1).strip().splitlines()
+    (tmp_path / "data.jsonl").write_text("\n".join(rows * 5) + "\n")  # 10 rows: one held out at 0.1
+    (tmp_path / "test.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "my_rewards.py").write_text(re.search(r"```python\n(.*?)```", doc, re.S).group(1))
+    monkeypatch.chdir(tmp_path)
+    tiny = {"lm": ["--model", tiny_lm_dir, "--max-steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+                   "--max-new-tokens", "4", "--progress", "false", "--mixed-precision", "no"],
+            "eval": ["--output-dir", "runs/eval"], "export": []}
+    lines = [shlex.split(ln.split("#")[0]) for ln in commands.strip().splitlines()]
+    assert [ln[:2] for ln in lines] == [["pg-lm", "lm"], ["pg-lm", "eval"], ["pg-lm", "export"]]
+    for argv in lines:
+        assert main(argv[1:] + tiny[argv[1]]) == 0, argv
+    assert json.loads((tmp_path / "runs" / "eval" / "eval.json").read_text())["prompts"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported").config.vocab_size > 0
