@@ -175,3 +175,25 @@ def test_the_documented_three_commands_work(tiny_lm_dir, tmp_path, monkeypatch, 
         assert main(argv[1:] + tiny[argv[1]]) == 0, argv
     assert json.loads((tmp_path / "runs" / "eval" / "eval.json").read_text())["prompts"] == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported").config.vocab_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reward_model_and_evaluation_run_on_the_gpu(lora_run, tiny_lm_dir, tiny_rm_dir, tmp_path):
+    """On a GPU the reward model scores on the trainer's device, and pg-lm eval samples there (bf16 autocast)."""
+    from pg_lm.lm import RewardModel
+
+    tr = make_trainer(tiny_lm_dir, tmp_path / "t", reward_fns=[RewardModel(tiny_rm_dir)])
+    assert next(tr.rewards.fns[0].model.parameters()).device.type == "cuda"
+    _, stats = tr.rollout()
+    assert torch.isfinite(torch.tensor(stats["reward/reward_model"].item()))
+    out = tmp_path / "eval"
+    assert main(["eval", "--adapter", str(lora_run), "--reward-model", tiny_rm_dir, "--eval-size", "3",
+                 "--eval-samples", "2", "--output-dir", str(out), "--dataset", str(_jsonl(tmp_path))]) == 0
+    assert json.loads((out / "eval.json").read_text())["prompts"] == 3
+
+
+def _jsonl(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["ab", "cd", "ef"]))
+    return path
