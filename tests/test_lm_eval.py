@@ -197,3 +197,20 @@ def _jsonl(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["ab", "cd", "ef"]))
     return path
+
+
+def test_export_of_a_full_checkpoint_drops_the_trainer_state(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "full"
+    make_trainer(tiny_lm_dir, run, lr=5e-2).train()
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    assert (run / "checkpoint-last" / "trainer_state.pt").exists() and not (out / "trainer_state.pt").exists()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(run / "checkpoint-last")(ids).logits
+        before = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)(ids).logits
+    assert (want - before).abs().max() > 1e-3
+    torch.testing.assert_close(got, want)

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import zlib
 from pathlib import Path
 
 
@@ -30,7 +31,7 @@ def _functions_of(module) -> list[str]:
 def _import_file(path: Path, spec: str):
     if not path.is_file():
         raise ValueError(f"--reward {spec}: no such file {str(path)!r}")
-    name = f"pg_lm_reward_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    name = f"pg_lm_reward_{path.stem}_{zlib.crc32(str(path.resolve()).encode()):08x}"  # one module per file
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
@@ -74,8 +75,11 @@ def load_reward(spec: str):
     if fn is None or not callable(fn):
         has = _functions_of(module)
         raise ValueError(f"--reward {spec}: {where} has no function {fn_name!r}; it has: {', '.join(has) or 'none'}")
-    if inspect.isclass(fn):  # a class with __call__: its instance is the reward function
-        fn = fn()
+    if inspect.isclass(fn):  # a class with __call__: its instance (made with no arguments) is the reward function
+        try:
+            fn = fn()
+        except Exception as e:
+            raise ValueError(f"--reward {spec}: {fn_name}() raised {type(e).__name__}: {e}") from None
     return fn
 
 
