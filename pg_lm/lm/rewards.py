@@ -170,7 +170,7 @@ def _invoke(fn, prompts, completions, columns: dict, extras: dict | None):
 
 
 def _user_error(name: str, e: Exception) -> RewardError:
-    return e if isinstance(e, RewardError) else RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}")
+    return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}")
 
 
 def call_reward(fn, prompts: list, completions: list[str], columns: dict, lengths: Sequence[int],
@@ -185,6 +185,8 @@ def call_reward(fn, prompts: list, completions: list[str], columns: dict, length
     name = reward_name(fn)
     try:
         out = _within(timeout, name, _invoke, fn, prompts, completions, columns, extras)
+    except RewardError:
+        raise
     except Exception as e:  # the user's code: say whose it was and stop
         raise _user_error(name, e) from e
     return to_dense(name, out, completions, lengths)
@@ -225,9 +227,13 @@ def _gather(fns, names, prompts, completions, columns: dict, extras: dict | None
     async def all_of_them():
         return await asyncio.gather(*(one(i, fn) for i, fn in enumerate(fns)), return_exceptions=True)
 
-    pending = lambda: next((names[i] for i in range(len(fns)) if i not in done), names[0])  # noqa: E731
+    def pending() -> str:  # the first function still running when the time is up
+        return next((names[i] for i in range(len(fns)) if i not in done), names[0])
+
     outs = _within(timeout, pending, _run_coroutine, all_of_them())
     for name, out in zip(names, outs):
+        if isinstance(out, RewardError):
+            raise out
         if isinstance(out, Exception):
             raise _user_error(name, out) from out
     return outs

@@ -11,8 +11,7 @@ from .config import LMConfig
 from .rewards import RewardError
 
 
-def prompts_and_rewards(cfg, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None,
-                        what: str = "training"):
+def prompts_and_rewards(cfg, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None):
     """(train dataset, eval dataset, reward functions, weights): what is passed in, else what
     ``cfg.dataset`` / ``cfg.reward`` / ``cfg.reward_model`` name (docs/data-and-rewards.md), else the
     built-in ``cfg.task``. Resolved before any model is loaded, so bad input stops here."""
