@@ -28,10 +28,10 @@ def pass_at_k(num_samples: Tensor, num_correct: Tensor, k: int) -> Tensor:
         raise ValueError("need 0 <= num_correct <= num_samples")
     if k < 1 or bool((n < k).any()):
         raise ValueError(f"k must be in [1, num_samples], got k={k} with num_samples down to {int(n.min())}")
-    out = torch.ones(n.shape, dtype=torch.float64)
+    out = torch.ones(n.shape, dtype=torch.float64, device=n.device)
     for j in range(len(n)):  # (N is the number of problems: a loop over Python ints is exact and cheap)
         nj, cj = int(n[j]), int(c[j])
         if nj - cj >= k:
-            i = torch.arange(nj - cj + 1, nj + 1, dtype=torch.float64)
+            i = torch.arange(nj - cj + 1, nj + 1, dtype=torch.float64, device=n.device)
             out[j] = 1.0 - torch.prod(1.0 - k / i)
     return out

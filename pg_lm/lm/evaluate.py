@@ -53,10 +53,10 @@ def evaluate_prompts(lm, tok, rewards, dataset, cfg, max_new_tokens: int, *, ran
                 batch = sample(lm, tok, chunk["prompt"], cols, G, max_new_tokens, cfg.temperature, cfg.top_p,
                                cfg.top_k, **opts)
                 correct = (_score(rewards, batch, tok, samples, "sampled") >= cfg.pass_threshold).view(-1, G)
-                n_rows = torch.full((correct.shape[0],), G)
+                n_rows = torch.full((correct.shape[0],), G, device=correct.device)
                 for k in cfg.pass_ks:
-                    sums[f"eval/pass@{k}"] += float(pass_at_k(n_rows, correct.sum(1).cpu(), k).sum())
-    vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+                    sums[f"eval/pass@{k}"] += float(pass_at_k(n_rows, correct.sum(1), k).sum())
+    vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)  # host: Python sums; reduce moves them
     if reduce is not None:
         vals = reduce(vals)
     return {k: float(v) / max(n, 1) for k, v in zip(keys, vals.tolist())}
