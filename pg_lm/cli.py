@@ -1,15 +1,19 @@
-"""``pg-lm`` command line: ``pg-lm gym ...`` (classic control) and ``pg-lm lm ...`` (language models)."""
+"""``pg-lm`` command line: ``pg-lm gym ...`` (classic control), ``pg-lm lm ...`` (language models),
+``pg-lm eval ...`` and ``pg-lm export ...`` (what a language-model run trained)."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: pg-lm {gym,lm} [flags]
+USAGE = """usage: pg-lm {gym,lm,eval,export} [flags]
 
   pg-lm gym --env CartPole-v1 --algo ppo ...   classic-control policy gradients
   pg-lm lm  --task arithmetic --estimator reinforce ...   RL fine-tuning of a causal LM
+  pg-lm lm  --dataset data.jsonl --reward rewards.py:correct ...   ... on your prompts and rewards
+  pg-lm eval --adapter runs/lm/checkpoint-last --eval-samples 8 ...   accuracy, pass@k, lengths
+  pg-lm export runs/lm/checkpoint-last OUT_DIR   a LoRA adapter merged into its base, as an HF folder
 
-Run `pg-lm gym --help` or `pg-lm lm --help` for every flag."""
+Run `pg-lm <command> --help` for every flag."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         from pg_lm.lm.train import main as lm_main
 
         return lm_main(rest)
+    if cmd == "eval":
+        from pg_lm.lm.eval_cli import main as eval_main
+
+        return eval_main(rest)
+    if cmd == "export":
+        from pg_lm.lm.export import main as export_main
+
+        return export_main(rest)
     print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -47,4 +47,4 @@ def run(cfg):
 
 if __name__ == "__main__":
     sys.exit(run_cli(sys.argv[1:], "recipes/custom_reward.py", run, output_dir="runs/custom_reward",
-                     max_steps=20, max_new_tokens=32, eval_size=8, lr=1e-5))
+                     max_steps=20, max_new_tokens=32, eval_size=8))

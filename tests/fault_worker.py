@@ -28,7 +28,8 @@ def main(model_dir: str, out_dir: str, mode: str) -> None:
         return [float(len(c) % 3) for c in completions]
 
     cfg = LMConfig(model=model_dir, output_dir=out_dir, max_steps=3, prompts_per_step=2, samples_per_prompt=2,
-                   max_new_tokens=4, eval_max_new_tokens=4, progress=False, mixed_precision="no", eval_size=3)
+                   max_new_tokens=4, eval_max_new_tokens=4, progress=False, mixed_precision="no", eval_size=3,
+                   lora_r=0, lr_schedule="constant")
     ds = Dataset.from_dict({"prompt": ["ab", "cd", "ef"]})
     try:
         train(cfg, [reward], ds, ds)

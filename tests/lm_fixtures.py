@@ -166,6 +166,7 @@ def make_config(model_dir, output_dir, **kw):
 
     base = dict(model=str(model_dir), output_dir=str(output_dir), prompts_per_step=2, samples_per_prompt=4,
                 max_new_tokens=6, eval_max_new_tokens=4, eval_size=4, eval_batch_size=4, lr=1e-3,
+                lora_r=0, lr_schedule="constant",  # full fine-tuning at a constant rate unless a test asks
                 progress=False, samples_every=1, max_steps=1, seed=0,
                 mixed_precision="no")  # fp32 unless a test asks: "auto" would pick bf16 on some CPUs only
     base.update(kw)

@@ -132,7 +132,8 @@ def test_nonfinite_weights_are_never_saved(tiny_lm_dir, tmp_path):
 
 def cli(model_dir, out, *flags):
     return [sys.executable, "-m", "pg_lm.cli", "lm", "--model", str(model_dir), "--output-dir", str(out),
-            "--max-steps", "500", "--progress", "false", "--eval-size", "2", "--mixed-precision", "no", *flags]
+            "--max-steps", "500", "--progress", "false", "--eval-size", "2", "--mixed-precision", "no",
+            "--lora-r", "0", "--lr", "1e-5", "--lr-schedule", "constant", "--samples-per-prompt", "4", "--max-new-tokens", "24", *flags]  # full fine-tuning, as before the defaults became the recipe's
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

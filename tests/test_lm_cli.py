@@ -58,7 +58,7 @@ def test_reward_error_becomes_one_error_line_and_exit_2(tiny_lm_dir, tmp_path, m
     ds = prompt_dataset(["a", "b", "c"], answer=["1", "2", "3"])
     monkeypatch.setitem(pg_lm.tasks.TASKS, "arithmetic", lambda num_eval=100, seed=0: (ds, ds, [half_the_rewards]))
     code = main(["lm", "--model", tiny_lm_dir, "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-size", "2",
-                 "--prompts-per-step", "1", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--progress", "false"])
+                 "--prompts-per-step", "1", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--progress", "false", "--lora-r", "0"])
     err = capsys.readouterr().err
     assert code == 2
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -69,7 +69,7 @@ def test_reward_error_becomes_one_error_line_and_exit_2(tiny_lm_dir, tmp_path, m
 def test_cli_trains_the_tiny_model(tiny_lm_dir, tmp_path, capsys):
     code = main(["lm", "--model", tiny_lm_dir, "--output-dir", str(tmp_path), "--max-steps", "1", "--eval-size", "2",
                  "--prompts-per-step", "1", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--progress", "false",
-                 "--save-model", "false"])
+                 "--save-model", "false", "--lora-r", "0"])
     assert code == 0
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoint-last").exists()
 

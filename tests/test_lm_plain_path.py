@@ -184,7 +184,7 @@ def test_deepspeed_zero2_trains(tiny_lm_dir, tmp_path):
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", str(min(2, torch.cuda.device_count())),
-           "-m", "pg_lm.cli", "lm", "--model", tiny_lm_dir, "--max-steps", "2", "--eval-size", "4",
+           "-m", "pg_lm.cli", "lm", "--model", tiny_lm_dir, "--max-steps", "2", "--eval-size", "4", "--lora-r", "0",
            "--output-dir", str(out), "--progress", "false"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

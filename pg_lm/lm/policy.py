@@ -103,6 +103,24 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def load_tokenizer(path: str, model_name: str):
+    """The tokenizer at ``path`` (``--model model_name`` resolved), padding on the left (generation
+    appends on the right), with a pad token (masks come from lengths, so pad == EOS is harmless)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # not a folder, not in the Hugging Face cache, not downloadable
+        raise FileNotFoundError(
+            f"--model {model_name!r} is neither a local folder with a model, a .gguf file, nor a model in the "
+            f"local Hugging Face cache or on the Hub ({type(e).__name__}); the embedded default is "
+            f"'smollm2-135m-instruct'") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_policy(
     model_name: str,
     value_head: bool = False,
@@ -120,23 +138,14 @@ def load_policy(
     ``resume_dir``: a checkpoint written by the trainer (full model, or LoRA adapter
     over ``model_name``, plus ``value_head.pt``) to continue from.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .models import resolve_model
 
     path = resolve_model(model_name)
     if resume_dir is not None and lora_r == 0:
         path = resume_dir  # a full checkpoint replaces the base weights
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # not a folder, not in the Hugging Face cache, not downloadable
-        raise FileNotFoundError(
-            f"--model {model_name!r} is neither a local folder with a model, a .gguf file, nor a model in the "
-            f"local Hugging Face cache or on the Hub ({type(e).__name__}); the embedded default is "
-            f"'smollm2-135m-instruct'") from None
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(path, model_name)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     lm.generation_config.pad_token_id = tok.pad_token_id
     if lora_r > 0 and resume_dir is not None:

@@ -1,13 +1,29 @@
-"""Reward functions: plain callables, checked, weighted and combined.
+"""Reward functions: plain callables, checked, weighted and combined. This docstring is the
+reward contract (docs/data-and-rewards.md shows it with examples).
 
-A reward function is ``fn(prompts, completions, **columns) -> list``, where
-``columns`` are the prompt dataset's other fields (e.g. ``answer``), one entry per
-completion. It returns one float per completion (the reward arrives at its last
-token) or, for dense rewards, one list of floats per completion with one entry per
-completion token. A value may be a Python or NumPy number, a 0-d tensor, or a bool (True
-counts 1.0, False 0.0); NaN, inf and anything else are an error naming the function and the
-sample. A parameter after ``completions`` without a default names a dataset column the
-function needs: a dataset without it is an error before training starts.
+**Call.** ``fn(prompts, completions, **columns)``, once per batch. ``prompts`` are as the dataset
+gives them (strings, or lists of chat messages); ``completions`` are the decoded texts (special
+tokens stripped); ``columns`` are the prompt dataset's other fields (e.g. ``answer``), one entry
+per completion. A function may also name these parameters, which are passed only to a function
+that names them: ``completion_ids`` (each completion's token ids, a list of ints, EOS included
+when sampled) and ``tokenizer`` (the policy's tokenizer).
+
+**Columns it needs.** A parameter after ``completions`` without a default (other than
+``completion_ids`` / ``tokenizer``) names a dataset column the function needs: a dataset without
+it is an error before training starts. ``**columns`` takes whatever columns there are.
+
+**Return.** One value per completion: a number (the reward arrives at the completion's last
+token), or, for a dense reward, a list of numbers with one entry per completion token, i.e.
+``len(completion_ids[i])`` entries. A number may be a Python or NumPy number, a 0-d tensor, or a
+bool (True counts 1.0, False 0.0); NaN, inf and anything else are an error naming the function
+and the sample.
+
+**Async.** A function may be ``async def``: it is awaited; several async functions of one
+``RewardSet`` are awaited concurrently (one event loop, ``asyncio.gather``). ``--reward-timeout``
+applies to async and plain functions alike.
+
+**Weights.** ``RewardSet(fns, weights)`` sums ``w_k * r_k`` per token; each function's total is
+reported as ``reward/<name>``.
 
 >>> def shorter_is_better(prompts, completions, **columns):
 ...     return [-len(c) / 4 for c in completions]
@@ -19,6 +35,7 @@ function needs: a dataset without it is an error before training starts.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import threading
@@ -29,6 +46,7 @@ import torch
 from torch import Tensor
 
 RewardFn = Callable[..., list]
+INJECTED = ("completion_ids", "tokenizer")  # passed to a reward function that names them; not dataset columns
 
 
 class RewardError(RuntimeError):
@@ -67,13 +85,49 @@ def needed_columns(fn) -> list[str]:
         return []
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     rest = params[2:] if all(p.kind in positional for p in params[:2]) else params
-    return [p.name for p in rest if p.default is p.empty
+    return [p.name for p in rest if p.default is p.empty and p.name not in INJECTED
             and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
 
 
+def _names_parameter(fn, name: str) -> bool:
+    """Whether ``fn``'s signature names ``name`` (a ``**kwargs`` catch-all does not count)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def is_async(fn) -> bool:
+    """Whether ``fn`` (a function, or an object whose ``__call__`` is) is ``async def``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def _run_coroutine(coro):
+    """Run ``coro`` to its end: in this thread, or in a helper thread when this thread already runs
+    an event loop (a notebook), where ``asyncio.run`` cannot."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = asyncio.run(coro)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="reward-async", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
 def _within(timeout: float | None, name: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, or a RewardError after ``timeout`` seconds. The call runs in a
-    daemon thread, which a hung function keeps; the process can still exit."""
+    """``fn(*args, **kwargs)``, or a RewardError naming ``name`` after ``timeout`` seconds. The call
+    runs in a daemon thread, which a hung function keeps; the process can still exit."""
     if timeout is None:
         return fn(*args, **kwargs)
     box: dict = {}
@@ -88,26 +142,58 @@ def _within(timeout: float | None, name: str, fn, *args, **kwargs):
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise RewardError(f"reward function {name!r} did not return within {timeout:g} s (--reward-timeout)")
+        who = name() if callable(name) else name  # (a function of what is still running, for several at once)
+        raise RewardError(f"reward function {who!r} did not return within {timeout:g} s (--reward-timeout)")
     if "error" in box:
         raise box["error"]
     return box["out"]
 
 
-def call_reward(fn, prompts: list[str], completions: list[str], columns: dict, lengths: Sequence[int],
-                timeout: float | None = None) -> Tensor:
-    """Call one reward function (within ``timeout`` seconds) and validate its output -> (B, T) dense rewards.
+def _arguments(fn, columns: dict, extras: dict | None) -> dict:
+    """The keyword arguments of ``fn``: the columns, and each of ``extras`` (``completion_ids``,
+    ``tokenizer``) that ``fn`` names."""
+    kw = dict(columns)
+    for key, value in (extras or {}).items():
+        if value is not None and _names_parameter(fn, key):
+            kw[key] = value() if callable(value) and key == "completion_ids" else value
+    return kw
+
+
+def _invoke(fn, prompts, completions, columns: dict, extras: dict | None):
+    """One call of ``fn``, awaited when it is async."""
+    out = fn(prompts, completions, **_arguments(fn, columns, extras))
+    if inspect.isawaitable(out):
+        async def wait():
+            return await out
+        out = _run_coroutine(wait())
+    return out
+
+
+def _user_error(name: str, e: Exception) -> RewardError:
+    return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}")
+
+
+def call_reward(fn, prompts: list, completions: list[str], columns: dict, lengths: Sequence[int],
+                timeout: float | None = None, extras: dict | None = None) -> Tensor:
+    """Call one reward function (within ``timeout`` seconds; awaited when async) and validate its
+    output -> (B, T) dense rewards. ``extras``: ``completion_ids`` (a list per completion, or a
+    function making it) and ``tokenizer``, passed when ``fn`` names them.
 
     Scalars land on each completion's last token; per-token lists must have one entry
     per completion token. ``lengths`` are completion lengths in tokens.
     """
     name = reward_name(fn)
     try:
-        out = _within(timeout, name, fn, prompts, completions, **columns)
+        out = _within(timeout, name, _invoke, fn, prompts, completions, columns, extras)
     except RewardError:
         raise
     except Exception as e:  # the user's code: say whose it was and stop
-        raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+        raise _user_error(name, e) from e
+    return to_dense(name, out, completions, lengths)
+
+
+def to_dense(name: str, out, completions: list[str], lengths: Sequence[int]) -> Tensor:
+    """A reward function's output, validated -> (B, T) dense rewards (see the module docstring)."""
     try:
         out = list(out)
     except TypeError:
@@ -126,6 +212,31 @@ def call_reward(fn, prompts: list[str], completions: list[str], columns: dict, l
         else:
             dense[i, max(n - 1, 0)] = _check_number(name, i, x, completions[i])
     return dense
+
+
+def _gather(fns, names, prompts, completions, columns: dict, extras: dict | None, timeout: float | None) -> list:
+    """The outputs of the async functions ``fns``, awaited concurrently in one event loop, all
+    within ``timeout`` (they run side by side, so each has the whole of it)."""
+    done: set[int] = set()
+
+    async def one(i, fn):
+        out = await fn(prompts, completions, **_arguments(fn, columns, extras))
+        done.add(i)
+        return out
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i, fn) for i, fn in enumerate(fns)), return_exceptions=True)
+
+    def pending() -> str:  # the first function still running when the time is up
+        return next((names[i] for i in range(len(fns)) if i not in done), names[0])
+
+    outs = _within(timeout, pending, _run_coroutine, all_of_them())
+    for name, out in zip(names, outs):
+        if isinstance(out, RewardError):
+            raise out
+        if isinstance(out, Exception):
+            raise _user_error(name, out) from out
+    return outs
 
 
 class RewardSet:
@@ -160,11 +271,31 @@ class RewardSet:
                 raise ValueError(f"reward function {name!r} needs the column {missing[0]!r}, which the {what} "
                                  f"dataset does not have (it has: {', '.join(columns)})")
 
-    def score(self, prompts, completions, columns, lengths) -> tuple[dict[str, Tensor], Tensor]:
-        """-> ({name: (B,) total reward of that function}, (B, T) weighted dense reward)."""
+    def score(self, prompts, completions, columns, lengths, completion_ids: Tensor | None = None,
+              tokenizer=None) -> tuple[dict[str, Tensor], Tensor]:
+        """-> ({name: (B,) total reward of that function}, (B, T) weighted dense reward).
+        ``completion_ids`` (B, T) and ``tokenizer`` reach the functions that name them; async
+        functions are awaited together."""
+        def ids():  # made once, and only when a function asks for it
+            if "ids" not in cache:
+                rows = completion_ids.tolist()
+                cache["ids"] = [row[:n] for row, n in zip(rows, lengths)]
+            return cache["ids"]
+
+        cache: dict = {}
+        extras = {"completion_ids": ids if completion_ids is not None else None, "tokenizer": tokenizer}
+        asyncs = [i for i, fn in enumerate(self.fns) if is_async(fn)]
+        outs = {}
+        if len(asyncs) > 1:
+            got = _gather([self.fns[i] for i in asyncs], [self.names[i] for i in asyncs], prompts, completions,
+                          columns, extras, self.timeout)
+            outs = dict(zip(asyncs, got))
         per_fn, total = {}, None
-        for fn, w, name in zip(self.fns, self.weights, self.names):
-            dense = call_reward(fn, prompts, completions, columns, lengths, self.timeout)
+        for i, (fn, w, name) in enumerate(zip(self.fns, self.weights, self.names)):
+            if i in outs:
+                dense = to_dense(name, outs[i], completions, lengths)
+            else:
+                dense = call_reward(fn, prompts, completions, columns, lengths, self.timeout, extras)
             per_fn[name] = dense.sum(1)
             total = w * dense if total is None else total + w * dense
         return per_fn, total

@@ -27,7 +27,7 @@ class Rollout:
     completion_ids: Tensor  # (B, T) right-padded completion tokens (EOS included when sampled)
     completion_mask: Tensor  # (B, T) float, 1 on the first `length` tokens
     truncated: Tensor  # (B,) bool: hit max_new_tokens without EOS
-    prompts: list[str]  # (B,) prompt texts as the user gave them
+    prompts: list  # (B,) prompts as the user gave them: strings, or lists of chat messages
     completions: list[str]  # (B,) decoded completions (special tokens stripped)
     columns: dict = field(default_factory=dict)  # other dataset fields, each a (B,) list
     logp: Tensor | None = None  # (B, T) log π_old(token) from the learner, no grad
@@ -95,14 +95,29 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     return Rollout(**kw)
 
 
-def format_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[str]:
-    """Apply the tokenizer's chat template (one user turn) when it has one and it is wanted."""
-    if not chat_template or getattr(tokenizer, "chat_template", None) is None:
-        return list(prompts)
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+def format_prompts(tokenizer, prompts: list, chat_template: bool, system_prompt: str | None = None) -> list[str]:
+    """The texts the model reads. A prompt is a string (one user turn) or a list of chat messages
+    (``[{"role": ..., "content": ...}]``, used as given); both go through the tokenizer's chat
+    template when it has one and it is wanted, after a system message ``system_prompt`` (unless
+    the messages start with their own). Without a template a string is used as it is (after
+    ``system_prompt`` and a blank line), and chat messages are an error."""
+    templated = chat_template and getattr(tokenizer, "chat_template", None) is not None
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str) and not templated:
+            out.append(p if system_prompt is None else f"{system_prompt}\n\n{p}")
+            continue
+        if not isinstance(p, str) and not (isinstance(p, (list, tuple)) and all(isinstance(m, dict) for m in p)):
+            raise ValueError(f"prompt {i} is {type(p).__name__}: a prompt is a string or a list of chat messages "
+                             f"[{{'role': ..., 'content': ...}}], got {str(p)[:80]!r}")
+        if not templated:
+            why = "--chat-template is off" if chat_template is False else "the tokenizer has no chat template"
+            raise ValueError(f"prompt {i} is a list of chat messages, but {why}: give prompts as strings")
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]
+        if system_prompt is not None and (not msgs or msgs[0].get("role") != "system"):
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return out
 
 
 def _adds_special(tokenizer, chat_template: bool) -> bool:
@@ -110,7 +125,8 @@ def _adds_special(tokenizer, chat_template: bool) -> bool:
     return not (chat_template and getattr(tokenizer, "chat_template", None) is not None)
 
 
-def fit_prompts(dataset, tokenizer, chat_template: bool, max_len: int, long_prompts: str, what: str):
+def fit_prompts(dataset, tokenizer, chat_template: bool, max_len: int, long_prompts: str, what: str,
+                system_prompt: str | None = None):
     """(``dataset`` with its prompts checked against ``max_len`` tokens, all at once before any
     training; a note for the console or None): ``error`` raises a ``ValueError`` counting them,
     ``drop`` leaves them out (the note says how many), ``truncate-left`` keeps them (sampling
@@ -118,7 +134,7 @@ def fit_prompts(dataset, tokenizer, chat_template: bool, max_len: int, long_prom
     prompts = dataset["prompt"]
     lengths = []
     for i in range(0, len(prompts), 1024):
-        texts = format_prompts(tokenizer, prompts[i : i + 1024], chat_template)
+        texts = format_prompts(tokenizer, prompts[i : i + 1024], chat_template, system_prompt)
         lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=_adds_special(tokenizer, chat_template))["input_ids"]]
     over = [i for i, n in enumerate(lengths) if n > max_len]
     if not over or long_prompts == "truncate-left":
@@ -134,11 +150,11 @@ def fit_prompts(dataset, tokenizer, chat_template: bool, max_len: int, long_prom
     return dataset.select([i for i in range(len(prompts)) if i not in skip]), f"{counted}: left out (--long-prompts drop)"
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool, max_prompt_length: int | None,
-                   truncate_left: bool = False):
+def encode_prompts(tokenizer, prompts: list, chat_template: bool, max_prompt_length: int | None,
+                   truncate_left: bool = False, system_prompt: str | None = None):
     """Left-padded ``(input_ids, attention_mask)``, each (N, P). A prompt over the limit is an error,
     or, with ``truncate_left``, loses its first tokens."""
-    texts = format_prompts(tokenizer, prompts, chat_template)
+    texts = format_prompts(tokenizer, prompts, chat_template, system_prompt)
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=_adds_special(tokenizer, chat_template))
     if max_prompt_length is not None and truncate_left:  # left padding: each prompt ends in the last column
         return enc["input_ids"][:, -max_prompt_length:], enc["attention_mask"][:, -max_prompt_length:]
@@ -275,14 +291,16 @@ def sample(
     max_prompt_length: int | None = None,
     cpu_layer: bool = False,
     truncate_prompts: bool = False,
+    system_prompt: str | None = None,
     logprobs: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM with its
     full weights; ``cpu_layer``: decode with pg_lm/lm/cpu (:func:`generate`); ``truncate_prompts``:
-    a prompt over ``max_prompt_length`` keeps its last tokens (else it is an error); ``logprobs``:
-    record the sampler's log-probs (``Rollout.sampler_logp``)."""
+    a prompt over ``max_prompt_length`` keeps its last tokens (else it is an error); prompts and
+    ``system_prompt`` as :func:`format_prompts` reads them; ``logprobs``: record the sampler's
+    log-probs (``Rollout.sampler_logp``)."""
     device = next(lm.parameters()).device
-    ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length, truncate_prompts)
+    ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length, truncate_prompts, system_prompt)
     ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)
     out = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,

@@ -1,5 +1,5 @@
-"""``pg-lm lm``: train a causal LM on a built-in task from the command line, or
-:func:`train` from Python with your own prompts and reward functions."""
+"""``pg-lm lm``: train a causal LM on a built-in task or your own dataset and reward functions
+from the command line, or :func:`train` from Python with your own prompts and reward functions."""
 
 from __future__ import annotations
 
@@ -11,17 +11,41 @@ from .config import LMConfig
 from .rewards import RewardError
 
 
-def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None) -> dict:
-    """Train and return the summary. Without datasets/rewards the built-in ``cfg.task`` is used."""
+def prompts_and_rewards(cfg, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None):
+    """(train dataset, eval dataset, reward functions, weights): what is passed in, else what
+    ``cfg.dataset`` / ``cfg.reward`` / ``cfg.reward_model`` name (docs/data-and-rewards.md), else the
+    built-in ``cfg.task``. Resolved before any model is loaded, so bad input stops here."""
     from pg_lm.tasks import TASKS
 
+    from .data import datasets_from_config
+    from .reward_specs import rewards_from_config
+
+    if train_dataset is None and eval_dataset is None:
+        train_dataset, eval_dataset = datasets_from_config(cfg)
+    if reward_fns is None and (cfg.reward or cfg.reward_model):
+        reward_fns, weights = rewards_from_config(cfg)
+        reward_weights = reward_weights if reward_weights is not None else weights
+    if reward_fns is None and (cfg.dataset or cfg.eval_dataset):
+        raise ValueError("--dataset needs a reward: --reward path/to/file.py:function (or module:function, or a "
+                         "built-in), or --reward-model")
+    if reward_weights is None and cfg.reward_weights:
+        reward_weights = list(cfg.reward_weights)
+    if train_dataset is None or reward_fns is None:
+        num_eval = cfg.eval_size if cfg.eval_size is not None else 100
+        task_train, task_eval, task_rewards = TASKS[cfg.task](num_eval=num_eval, seed=0)
+        train_dataset = task_train if train_dataset is None else train_dataset
+        eval_dataset = task_eval if eval_dataset is None and not cfg.dataset else eval_dataset
+        reward_fns = task_rewards if reward_fns is None else reward_fns
+    return train_dataset, eval_dataset, reward_fns, reward_weights
+
+
+def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None) -> dict:
+    """Train and return the summary. Datasets and rewards not passed in come from the config's
+    ``dataset`` / ``reward`` flags, else from the built-in ``cfg.task``."""
     from .trainer import Trainer
 
-    if train_dataset is None or reward_fns is None:
-        task_train, task_eval, task_rewards = TASKS[cfg.task](num_eval=cfg.eval_size, seed=0)
-        train_dataset = task_train if train_dataset is None else train_dataset
-        eval_dataset = task_eval if eval_dataset is None else eval_dataset
-        reward_fns = task_rewards if reward_fns is None else reward_fns
+    train_dataset, eval_dataset, reward_fns, reward_weights = prompts_and_rewards(
+        cfg, reward_fns, train_dataset, eval_dataset, reward_weights)
     return Trainer(cfg, reward_fns, train_dataset, eval_dataset, reward_weights).train()
 
 

@@ -38,9 +38,10 @@ from pg_lm.core import (
 from . import estimate
 from .checkpoint import save_checkpoint
 from .config import LMConfig
-from .evaluate import evaluate
+from .data import check_dataset
+from .evaluate import evaluate, truncation_warning
 from .peers import PeerWatch
-from .rewards import RewardSet
+from .rewards import RewardModel, RewardSet
 from .sampling import Rollout, concat_rollouts, fit_prompts, sample
 
 
@@ -94,6 +95,12 @@ def _nonfinite(named: dict, mask: Tensor) -> str | None:
     return next((k for k, x in named.items() if x is not None and not bool(torch.isfinite(x[m]).all())), None)
 
 
+def _brief(metrics: dict) -> str:
+    """``reward 0.500, accuracy 0.250, pass@4 0.750, ...`` for the console."""
+    show = [k for k in metrics if k in ("eval/reward", "eval/accuracy", "eval/truncated_frac") or "pass@" in k]
+    return ", ".join(f"{k[5:]} {metrics[k]:.3f}" for k in show)
+
+
 def _whole_groups(rows: Tensor, G: int) -> bool:
     """Whether ``rows`` is a run of whole groups of G consecutive rows, each in order."""
     if G == 1 or len(rows) % G:
@@ -142,10 +149,7 @@ class Trainer:
         for ds, what in ((train_dataset, "training"), (eval_dataset, "evaluation")):
             if ds is None:
                 continue
-            if len(ds) == 0:
-                raise ValueError(f"the {what} dataset is empty")
-            if "prompt" not in ds.column_names:
-                raise ValueError(f"the {what} dataset needs a 'prompt' column; it has {ds.column_names}")
+            check_dataset(ds, what)
             self.rewards.check_columns(ds.column_names, what)
         self.train_ds, self.eval_ds = train_dataset, eval_dataset
         self.kl_coef = cfg.kl_coef
@@ -153,6 +157,9 @@ class Trainer:
         self.bad_in_row = 0  # updates skipped in a row for a non-finite value (--max-bad-steps)
         self._bad = None  # the first non-finite quantity of the optimizer step under way (this process)
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
+        for fn in self.rewards.fns:  # a reward model scores its batches on the accelerator
+            if isinstance(fn, RewardModel):
+                fn.model.to(self.acc.device)
         self.train_ds, self.eval_ds = self._fit(train_dataset, "training"), self._fit(eval_dataset, "evaluation")
 
     def _fit(self, dataset, what: str):
@@ -161,7 +168,8 @@ class Trainer:
         if dataset is None:
             return None
         cfg = self.cfg
-        dataset, note = fit_prompts(dataset, self.tok, cfg.chat_template, cfg.max_prompt_length, cfg.long_prompts, what)
+        dataset, note = fit_prompts(dataset, self.tok, cfg.chat_template, cfg.max_prompt_length, cfg.long_prompts, what,
+                                    cfg.system_prompt)
         if note:
             self.acc.print(note)
         return dataset
@@ -241,9 +249,11 @@ class Trainer:
             batch = sample(lm, self.tok, prompts, cols, cfg.samples_per_prompt, cfg.max_new_tokens,
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
                            max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer,
-                           truncate_prompts=cfg.long_prompts == "truncate-left", logprobs=True)
+                           truncate_prompts=cfg.long_prompts == "truncate-left", system_prompt=cfg.system_prompt,
+                           logprobs=True)
         mask = batch.completion_mask
-        per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist())
+        per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist(),
+                                           batch.completion_ids, self.tok)
         dense = dense.to(mask.device)
         if cfg.overlong_penalty:
             last = (batch.lengths - 1).clamp(min=0)
@@ -570,9 +580,10 @@ class Trainer:
         steps_at_start = self.step
         summary = dict(self.resumed_summary)
         if self.eval_ds is not None and "eval/reward_before" not in summary:
-            summary["eval/reward_before"] = self.evaluate()["eval/reward"]
-            self.writer.log({"eval/reward": summary["eval/reward_before"]}, step=self.step)
-            acc.print(f"eval before training: reward {summary['eval/reward_before']:.3f}")
+            before = self.evaluate()
+            summary["eval/reward_before"] = before["eval/reward"]
+            self.writer.log(before, step=self.step)
+            acc.print(f"eval before training: {_brief(before)}")
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process),
                    desc="pg_lm", dynamic_ncols=True)
         self.signal, saved = None, None  # saved: (step, folder) of this run's newest checkpoint
@@ -600,10 +611,15 @@ class Trainer:
                     saved = self.step, save_checkpoint(self, summary)
         bar.close()
         if self.eval_ds is not None:
-            summary["eval/reward_after"] = self.evaluate()["eval/reward"]
-            self.writer.log({"eval/reward": summary["eval/reward_after"]}, step=self.step)
-            acc.print(f"eval after training: reward {summary['eval/reward_after']:.3f} "
-                      f"(before {summary['eval/reward_before']:.3f})")
+            after = self.evaluate()
+            summary.update({f"{k}_after": v for k, v in after.items() if k != "eval/reward"})
+            summary["eval/reward_after"] = after["eval/reward"]
+            self.writer.log(after, step=self.step)
+            acc.print(f"eval after training: {_brief(after)} (reward before {summary['eval/reward_before']:.3f})")
+            warning = truncation_warning(after, cfg.eval_tokens, "--eval-max-new-tokens")
+            if warning:  # the reward of a cut answer says little about what the policy learned
+                summary["warnings"] = [warning]
+                acc.print(warning)
         summary.update({"train/steps": self.step, "wall_s": self.elapsed(), "train/steps_this_run": self.step - steps_at_start,
                         "num_processes": acc.num_processes, "model": cfg.model})
         if cfg.save_model:

@@ -65,8 +65,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         kw: dict[str, Any] = dict(help=f.metadata.get("help", ""), default=argparse.SUPPRESS)
         # "none" is None, except for a field where it is one of the choices (--baseline none)
         kw["type"] = conv if "none" in (f.metadata.get("choices") or ()) else _none_or(conv)
-        if is_list:
-            kw["nargs"] = "*"
+        if is_list:  # --reward a --reward b and --reward a b both give [a, b]
+            kw.update(nargs="*", action="extend")
         if tp is bool:
             kw.update(nargs="?", const=True)
         if f.metadata.get("choices"):

@@ -1,12 +1,20 @@
-"""Built-in tasks: prompt datasets with their reward functions.
+"""Built-in tasks: prompt datasets generated offline from a seed, with their reward functions.
 
-``TASKS[name]()`` returns ``(train_dataset, eval_dataset, reward_functions)``.
+``TASKS[name](num_eval=100, seed=0)`` returns ``(train_dataset, eval_dataset, reward_functions)``.
+
+- ``arithmetic``: "What is 23 + 45?", exact match on the last number.
+- ``countdown``: reach a target from given numbers with + - * /; the reward checks the expression.
+- ``tagged``: "Which is larger, 37 or 52?", the answer required inside ``<answer></answer>``.
+- ``counting``: continue a count; a dense reward, one value per completion token.
 """
 
 from __future__ import annotations
 
 from .arithmetic import arithmetic_datasets, exact_match
-from .simple import format_reward, length_reward
+from .countdown import countdown, countdown_reward
+from .counting import count_progress, counting
+from .simple import BUILTIN_REWARDS, format_reward, length_reward, tag_format
+from .tagged import tagged, tagged_answer
 
 
 def arithmetic(num_eval: int = 100, seed: int = 0):
@@ -14,6 +22,8 @@ def arithmetic(num_eval: int = 100, seed: int = 0):
     return train, held_out, [exact_match]
 
 
-TASKS = {"arithmetic": arithmetic}
+TASKS = {"arithmetic": arithmetic, "countdown": countdown, "tagged": tagged, "counting": counting}
 
-__all__ = ["TASKS", "arithmetic", "arithmetic_datasets", "exact_match", "format_reward", "length_reward"]
+__all__ = ["BUILTIN_REWARDS", "TASKS", "arithmetic", "arithmetic_datasets", "count_progress", "counting", "countdown",
+           "countdown_reward", "exact_match", "format_reward", "length_reward", "tag_format", "tagged",
+           "tagged_answer"]
