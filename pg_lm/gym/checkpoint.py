@@ -63,6 +63,8 @@ class RunState:
     t0: float  # perf_counter at env creation, minus the wall time earlier runs spent (summary wall_s)
     start: float  # perf_counter at the first rollout, minus the training time earlier runs spent (train_s)
     updates: int = 0  # optimisation rounds (rollouts) so far; --save-every counts these
+    saved: tuple[int, Path] | None = None  # (env steps, folder) of this run's newest checkpoint
+    signal: int | None = None  # SIGINT / SIGTERM caught: stop after this update (pg_lm/run/signals.py)
 
 
 def check_saveable(envs, env_id: str) -> None:
@@ -87,7 +89,8 @@ def save_checkpoint(run: RunState, now: float) -> Path:
         torch.save(state, folder / "trainer_state.pt")
         (folder / "envs.pkl").write_bytes(envs)
 
-    return commit(cfg.output_dir, c.steps, write, cfg.save_total_limit)
+    run.saved = c.steps, commit(cfg.output_dir, c.steps, write, cfg.save_total_limit)
+    return run.saved[1]
 
 
 def find_checkpoint(cfg: GymConfig) -> tuple[Path, dict]:
@@ -115,6 +118,6 @@ def load_checkpoint(run: RunState, path: Path, state: dict, now: float) -> None:
     old = run.collector.envs
     run.collector.load_state_dict(state["collector"], envs)
     old.close()
-    run.updates = state["updates"]
+    run.updates, run.saved = state["updates"], (run.collector.steps, path)
     run.t0, run.start = now - state["wall_s"], now - state["train_s"]
     set_rng_state(state["rng"])

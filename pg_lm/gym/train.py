@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_lm.run import RunWriter, parse_config, to_dict, trim_logs
+from pg_lm.run.signals import Interrupted, stop_on_signals
 
 from .algos import ALGOS, Algo, update
 from .checkpoint import RunState, check_saveable, find_checkpoint, load_checkpoint, save_checkpoint
@@ -106,8 +107,9 @@ def _train(cfg: GymConfig, algo: Algo, callback: Callback | None) -> dict:
         if found is not None:  # last: the policy's initialisation drew from the generators it restores
             load_checkpoint(run, *found, now=time.perf_counter())
             envs = collector.envs  # the saved envs (the fresh ones are closed)
-        hit = _loop(run, algo, callback)
-        if cfg.save_every:
+        with stop_on_signals(run):
+            hit = _loop(run, algo, callback)
+        if cfg.save_every and (run.saved is None or run.saved[0] != collector.steps):
             save_checkpoint(run, time.perf_counter())  # the end: --resume with a larger --total-steps goes on
         return _finish(run, hit)
     finally:
@@ -138,6 +140,9 @@ def _loop(run: RunState, algo: Algo, callback: Callback | None) -> dict | None:
                desc=f"{cfg.algo} {cfg.env}")
     hit = None
     while collector.steps < cfg.total_steps:
+        if run.signal:
+            bar.close()
+            _interrupted(run)
         lr = cfg.lr * (1.0 - collector.steps / cfg.total_steps) if cfg.anneal_lr else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
@@ -161,10 +166,19 @@ def _loop(run: RunState, algo: Algo, callback: Callback | None) -> dict | None:
             if returns_eval.mean() >= cfg.target_return:
                 hit = dict(steps=collector.steps, seconds=time.perf_counter() - start, returns=returns_eval)
                 break
-        if cfg.save_every and run.updates % cfg.save_every == 0 and collector.steps < cfg.total_steps:
-            save_checkpoint(run, time.perf_counter())  # (the last update's is saved after the loop)
+        if cfg.save_every and run.updates % cfg.save_every == 0:
+            save_checkpoint(run, time.perf_counter())
     bar.close()
     return hit
+
+
+def _interrupted(run: RunState) -> None:
+    """A signal stopped the run: save (with --save-every, unless this step is saved already), raise."""
+    path = None
+    if run.cfg.save_every:
+        done = run.saved is not None and run.saved[0] == run.collector.steps
+        path = run.saved[1] if done else save_checkpoint(run, time.perf_counter())
+    raise Interrupted(run.signal, run.collector.steps, path)
 
 
 def _finish(run: RunState, hit: dict | None) -> dict:
@@ -209,12 +223,16 @@ def parse_args(argv: list[str] | None) -> GymConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``pg-lm gym [flags]``: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
+    """``pg-lm gym [flags]``: 0 on success, 2 with a one-line ``error: ...`` on bad input,
+    128 + the signal after SIGINT / SIGTERM."""
     try:
         summary = train(parse_args(sys.argv[1:] if argv is None else argv))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGINT / SIGTERM: saved (with --save-every), exit 130 / 143
+        print(e, file=sys.stderr)
+        return e.exit_code
     except SystemExit as e:  # --help
         return int(e.code or 0)
     print(describe(summary))
