@@ -2,7 +2,7 @@
 run: the same metrics (every key but timings) at every step, the same summary and the same final
 weights bit for bit, as the run that was never stopped. End to end through the CLI, the killed run
 and its resume each in a process of its own (the uninterrupted reference runs in-process): CartPole
-(native vector env, Categorical head) with REINFORCE and PPO, Pendulum (SyncVectorEnv, Gaussian
+(native vector env, Categorical head) with REINFORCE, PPO and TRPO, Pendulum (SyncVectorEnv, Gaussian
 head, observation and reward normalisation) with PPO. SIGTERM stops a run cleanly after saving."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from gymnasium.envs.classic_control import CartPoleEnv
 
 from pg_lm.cli import main as cli_main
-from pg_lm.run.checkpoints import LAST, step_of
+from pg_lm.run.checkpoints import LAST, checkpoints, step_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -35,6 +35,8 @@ CASES = {
     "cartpole-ppo": ["--env", "CartPole-v1", "--algo", "ppo", "--num-envs", "4", "--n-steps", "8", "--epochs", "2",
                      "--minibatches", "2", "--total-steps", "224"],
     # Pendulum's defaults add observation and reward normalisation: their running statistics are state too
+    "cartpole-trpo": ["--env", "CartPole-v1", "--algo", "trpo", "--num-envs", "4", "--n-steps", "8", "--epochs", "2",
+                      "--minibatches", "2", "--total-steps", "224"],
     "pendulum-ppo": ["--env", "Pendulum-v1", "--algo", "ppo", "--num-envs", "2", "--n-steps", "16", "--epochs", "2",
                      "--minibatches", "2", "--total-steps", "224"],
 }
@@ -108,6 +110,10 @@ def test_resume_needs_a_checkpoint_of_the_same_shape(tmp_path, capsys):
     assert cli_main(["gym", "--progress", "false", "--eval-episodes", "1", *base, "--resume",
                      "--total-steps", "192"]) == 0
     assert [r["step"] for r in rows(tmp_path)] == [32, 64, 96, 128, 160, 192]
+    # a fresh run in the same folder starts over: the earlier run's checkpoints would outrank its own
+    assert cli_main(["gym", "--progress", "false", "--eval-episodes", "1", *base, "--total-steps", "32"]) == 0
+    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    assert [step_of(p) for p in checkpoints(tmp_path)] == [32]
 
 
 class _Unpicklable(CartPoleEnv):

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_lm.run import RunWriter, parse_config, to_dict, trim_logs
+from pg_lm.run.checkpoints import clear
 from pg_lm.run.signals import Interrupted, stop_on_signals
 
 from .algos import ALGOS, Algo, update
@@ -97,6 +98,9 @@ def _train(cfg: GymConfig, algo: Algo, callback: Callback | None) -> dict:
                 trim_logs(cfg.output_dir, found[1]["collector"]["steps"])  # rows after it are redone
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if found is None and (n := clear(cfg.output_dir)):  # as the LM backend: a later --resume must find ours
+            print(f"starting over in {cfg.output_dir}: removed {n} checkpoint(s) of an earlier run "
+                  "(--resume continues one)")
         scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_norm else None
         collector = Collector(envs, policy, cfg.seed, scaler)
         writer = RunWriter(cfg.output_dir, resume=found is not None)
