@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
+from pg_lm.run import trim_logs
 from pg_lm.run.checkpoints import LAST, checkpoints, clear, commit, find_resumable, problem, rng_state, set_rng_state, step_of
 
 
@@ -90,3 +92,10 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     b = (random.random(), float(np.random.rand()), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_trim_logs_drops_rows_after_the_checkpoint_and_a_half_written_line(tmp_path):
+    rows = [json.dumps({"step": s, "x": s}) for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 5, "x"')  # killed mid-write
+    trim_logs(tmp_path, 2)
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

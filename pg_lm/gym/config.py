@@ -122,6 +122,10 @@ class GymConfig:
     target_return: float | None = arg(None, "stop early once a deterministic evaluation reaches this mean return")
     eval_episodes: int = arg(20, "deterministic evaluation episodes at the end (argmax / Gaussian mean)")
     progress: bool = arg(True, "show a progress bar")
+    # checkpoints (pg_lm/gym/checkpoint.py)
+    save_every: int = arg(0, "checkpoint every N updates and at the end (0 = no checkpoints)")
+    save_total_limit: int | None = arg(2, "checkpoints kept (checkpoint-last and the newest checkpoint-<env steps>; None = all)")
+    resume: bool = arg(False, "continue the same run from output_dir's newest intact checkpoint")
     threads: int = arg(1, "torch CPU threads (1 is fastest for these tiny MLPs)")
 
     def __post_init__(self):
@@ -136,7 +140,9 @@ class GymConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        for name in ("clip_value", "ent_coef", "vf_coef", "max_grad_norm"):
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            raise ValueError(f"save_total_limit must be > 0 (or None for no limit), got {self.save_total_limit}")
+        for name in ("clip_value", "ent_coef", "vf_coef", "max_grad_norm", "save_every"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

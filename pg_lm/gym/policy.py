@@ -205,6 +205,11 @@ def policy_spec(obs_space, action_space, hidden: list[int], critic: bool, obs_no
                      "or a flat Box (Gaussian head)")
 
 
+def save_policy(policy: ActorCritic, path, config: dict) -> None:
+    """Write ``policy.pt``: the spec, the weights with the obs-norm statistics, the run's config."""
+    torch.save({"spec": policy.spec, "state_dict": policy.state_dict(), "config": config}, path)
+
+
 def load_policy(path) -> ActorCritic:
     """Rebuild the policy saved as ``policy.pt`` by a run (weights and obs-norm statistics)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)

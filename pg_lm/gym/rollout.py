@@ -71,6 +71,13 @@ class RewardScaler:
         scale = float(np.sqrt(self.rms._var[0] + 1e-8))
         return np.clip(reward / scale, -self.clip, self.clip)
 
+    def state_dict(self) -> dict:
+        return {"ret": self.ret.copy(), "rms": self.rms.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ret = state["ret"].copy()
+        self.rms.load_state_dict(state["rms"])  # in place: the numpy views stay valid
+
 
 class Collector:
     """Steps the vector env with the policy and keeps the episode statistics.
@@ -151,6 +158,25 @@ class Collector:
         next_values = torch.cat([cols["values"][:, 1:], last[:, None]], 1)  # (B, T)
         cols["rewards"] = cols["rewards"].float()
         return Rollout(**cols, next_values=next_values)  # time-major steps stacked on dim 1: (B, T, ...)
+
+    def state_dict(self) -> dict:
+        """What the next rollout depends on besides the policy and the envs themselves (which
+        pg_lm/gym/checkpoint.py saves whole): the current observations, the autoreset flags,
+        the episodes in progress and the statistics of finished ones, the step count."""
+        return {"obs": self.obs.copy(), "prev_done": self.prev_done.copy(), "ep_return": self.ep_return.copy(),
+                "ep_length": self.ep_length.copy(), "episodes": list(self.episodes),
+                "new_episodes": list(self.new_episodes), "steps": self.steps,
+                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, envs) -> None:
+        """Continue from ``state`` with ``envs``, the vector env saved with it (the caller closes the old one)."""
+        self.envs = envs
+        self.obs, self.prev_done = state["obs"].copy(), state["prev_done"].copy()
+        self.ep_return, self.ep_length = state["ep_return"].copy(), state["ep_length"].copy()
+        self.episodes = deque(state["episodes"], maxlen=self.episodes.maxlen)
+        self.new_episodes, self.steps = list(state["new_episodes"]), state["steps"]
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
     def pop_episodes(self) -> list[tuple[float, int]]:
         """(return, length) of the episodes finished since the last call (raw rewards)."""

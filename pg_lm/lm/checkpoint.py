@@ -18,7 +18,6 @@ refused at start-up.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -151,17 +150,3 @@ def load_trainer_state(trainer, path: Path) -> None:
                       f"{trainer.acc.num_processes}: random generators are reseeded, so sampling differs "
                       "from the run that was stopped", stacklevel=2)
 
-
-def trim_logs(output_dir: str, step: int) -> None:
-    """Drop ``metrics.jsonl`` / ``samples.jsonl`` rows after ``step`` (written by a run that died
-    before its next checkpoint): a resumed run redoes those steps and logs them again."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = Path(output_dir) / name
-        if not path.exists():
-            continue
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        if len(keep) < len(lines):
-            tmp = path.with_name(name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)

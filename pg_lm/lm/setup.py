@@ -24,11 +24,11 @@ if torch.distributed.is_available():
     # Trainer.end() could not free it (see there).
     import torch.distributed.nn.functional  # noqa: F401
 
-from pg_lm.run import RunWriter, to_dict
+from pg_lm.run import RunWriter, to_dict, trim_logs
 from pg_lm.run.checkpoints import clear
 
 from . import cpu
-from .checkpoint import load_trainer_state, resumable, trim_logs
+from .checkpoint import load_trainer_state, resumable
 from .policy import load_policy
 from .presets import describe, summary_line
 

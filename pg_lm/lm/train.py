@@ -53,9 +53,11 @@ def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
     """Parse flags into an LMConfig, check the launch, apply the CPU layer's process settings when
     it runs, call ``fn(cfg)``; user errors become one line on stderr, exit 2; a run stopped by
     non-finite values exits 1, one stopped by SIGINT / SIGTERM (after saving) 130 / 143."""
+    from pg_lm.run.signals import Interrupted
+
     from .cpu.process import apply_process_settings
     from .setup import plan
-    from .trainer import Interrupted, NonFiniteError
+    from .trainer import NonFiniteError
 
     cfg = parse_config(LMConfig, argv, prog=prog, **defaults)
     try:

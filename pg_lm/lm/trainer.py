@@ -13,9 +13,7 @@ sampler-learner mismatch of the same weights is corrected: ``--sampler-correctio
 from __future__ import annotations
 
 import math
-import os
 import signal
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -34,6 +32,7 @@ from pg_lm.core import (
     value_loss,
     zero_spread_groups,
 )
+from pg_lm.run.signals import Interrupted, stop_on_signals
 
 from . import estimate
 from .checkpoint import save_checkpoint
@@ -51,42 +50,6 @@ QUANTITIES = ("reward", "sampler log-prob", "advantage", "log-prob", "IS weight"
 
 class NonFiniteError(RuntimeError):
     """``--max-bad-steps`` updates in a row were skipped for a non-finite value (named)."""
-
-
-class Interrupted(Exception):
-    """The run was stopped by SIGINT / SIGTERM and saved a checkpoint; ``exit_code`` is 128 + the signal."""
-
-    def __init__(self, signum: int, step: int, path):
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in {path} "
-                         "(continue with --resume)")
-
-
-@contextmanager
-def stop_on_signals(trainer):
-    """SIGINT and SIGTERM set ``trainer.signal``: the run stops after the step under way, saves a
-    checkpoint and raises :class:`Interrupted`. A second signal more than a second later (not a
-    launcher passing on the first) stops the process at once, as it would without this."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    first = [0.0]
-
-    def handler(signum, frame):
-        if trainer.signal is None:
-            trainer.signal, first[0] = signum, time.monotonic()
-            print(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-                  "(send it again to stop now)", flush=True)
-        elif time.monotonic() - first[0] > 1.0:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _nonfinite(named: dict, mask: Tensor) -> str | None:

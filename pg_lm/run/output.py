@@ -2,6 +2,9 @@
 
 Files are appended line by line and flushed, so a run that dies keeps what it logged.
 Only the main process writes (pass ``enabled=False`` elsewhere).
+
+A fresh run (not ``--resume``) starts with empty logs; a resumed run first cuts them back to its
+checkpoint's step (:func:`trim_logs`), then appends.
 """
 
 from __future__ import annotations
@@ -90,3 +93,26 @@ class RunWriter:
         fig.tight_layout()
         fig.savefig(self.dir / filename, dpi=100)
         plt.close(fig)
+
+
+def trim_logs(output_dir: str, step: int) -> None:
+    """Drop ``metrics.jsonl`` / ``samples.jsonl`` rows after ``step`` (written by a run that died
+    before its next checkpoint): a resumed run redoes those steps and logs them again."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = Path(output_dir) / name
+        if not path.exists():
+            continue
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if _step(ln) <= step]
+        if len(keep) < len(lines):
+            tmp = path.with_name(name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
+
+
+def _step(line: str) -> float:
+    """The step of a log line; a line cut short by a kill is past every checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
