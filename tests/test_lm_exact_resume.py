@@ -31,7 +31,7 @@ def command(model_dir, out, *flags, processes=1):
                   "-m", "pg_lm.cli"]
     return [*launch, "lm", "--model", str(model_dir), "--output-dir", str(out), "--max-steps", "8",
             "--save-every", "2", "--seed", "3", "--eval-size", "4", "--samples-every", "1", "--progress", "false",
-            "--lr", "0.01", "--lora-r", "0", "--lr-schedule", "constant", "--samples-per-prompt", "4",
+            "--lr", "0.01", "--mixed-precision", "no", "--lora-r", "0", "--lr-schedule", "constant", "--samples-per-prompt", "4",
             "--max-new-tokens", "24", *flags]  # full fine-tuning unless flags ask for LoRA
 
 

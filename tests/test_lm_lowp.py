@@ -149,6 +149,15 @@ def test_auto_precision_follows_the_timed_probe(monkeypatch):
         assert setup.resolve_precision(mode) == mode
 
 
+def test_a_resumed_run_keeps_the_precision_it_started_with(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(lowp, "cpu_bf16_is_fast", lambda: True)  # the probe would now say bf16
+    (tmp_path / "config.json").write_text('{"resolved_mixed_precision": "no"}')
+    assert setup.resolve_precision("auto", str(tmp_path)) == "no"
+    assert setup.resolve_precision("bf16", str(tmp_path)) == "bf16"  # a given precision is kept as given
+    assert setup.resolve_precision("auto", str(tmp_path / "nothing_recorded")) == "bf16"
+
+
 @pytest.mark.parametrize("bf16_ms, want, bf16_products", [
     ([0.3] * 6, True, 2),  # fast: the cold product, then the first timed one decides
     ([9.0, 0.3], True, 2),  # a slow cold product (kernel selection), then fast

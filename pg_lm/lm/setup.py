@@ -10,10 +10,12 @@ single-process jobs instead of one gloo group.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -77,7 +79,7 @@ def make_accelerator(cfg, run: Plan):
     kw = {}
     if cfg.report_to != "none":
         kw.update(log_with=cfg.report_to, project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=f"{cfg.output_dir}/logs"))
-    precision = resolve_precision(cfg.mixed_precision)
+    precision = resolve_precision(cfg.mixed_precision, cfg.output_dir if cfg.resume else None)
     plugin = FullyShardedDataParallelPlugin() if run.sharding == "fsdp" else None  # read from the launch's env
     acc = Accelerator(cpu=run.device_type == "cpu", mixed_precision=precision, fsdp_plugin=plugin, **kw)
     if plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
@@ -96,17 +98,31 @@ def make_accelerator(cfg, run: Plan):
     return acc
 
 
-def resolve_precision(mode: str) -> str:
+def resolve_precision(mode: str, resumed_dir: str | None = None) -> str:
     """``auto`` -> ``bf16`` only where bf16 matmuls are fast: a CUDA GPU with bf16, or a CPU where
     a bf16 matmul, timed at start-up, takes under 0.6 of the fp32 one (``cpu.lowp.cpu_bf16_is_fast``:
-    the CPU's feature flags do not tell)."""
+    the CPU's feature flags do not tell). The timing is the main process's, shared with the others
+    (a loaded machine could time differently in each). A resumed run (``resumed_dir``) keeps the
+    precision its ``config.json`` recorded: a timing that came out otherwise would change the run."""
     if mode != "auto":
         return mode
+    if resumed_dir is not None:
+        try:
+            return json.loads((Path(resumed_dir) / "config.json").read_text())["resolved_mixed_precision"]
+        except (OSError, ValueError, KeyError):
+            pass  # no record: decide as a fresh run would
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
     from .cpu.lowp import cpu_bf16_is_fast
 
-    return "bf16" if cpu_bf16_is_fast() else "no"
+    state = PartialState(cpu=True)
+    choice = [("bf16" if cpu_bf16_is_fast() else "no") if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(choice)
+    return choice[0]
 
 
 def cpu_layer_record(mode: str, run: Plan, lm, grouped: bool, sampler) -> dict:
