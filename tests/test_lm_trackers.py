@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,9 @@ def test_wandb_offline_gets_every_metrics_row(tiny_lm_dir, tmp_path, monkeypatch
     make_trainer(tiny_lm_dir, out, max_steps=2, report_to="wandb", save_model=False,
                  eval_dataset=prompt_dataset(["ab", "cd"])).train()
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    history = wandb_history(run_file)
+    deadline = time.time() + 60  # W&B's service process may still be writing the file when finish() returns
+    while len(history := wandb_history(run_file)) < 3 and time.time() < deadline:
+        time.sleep(0.5)
     ours: dict[int, dict] = {}  # W&B keeps one row per step: the last step's metrics and the final evaluation merge
     for row in read_jsonl(out / "metrics.jsonl"):
         ours.setdefault(row.pop("step"), {}).update(row)
