@@ -104,7 +104,8 @@ def _load(cfg: GymVarianceConfig, names: list[str], cfgs: dict[str, GymConfig]):
         if not path.is_file():
             envs.close()
             raise UsageError(f"--policy {cfg.policy}: no such file (a run's policy.pt, or its folder)")
-        policy = load_policy(path)
+        with torch.random.fork_rng(devices=[]):  # building it draws a fresh init: the samples stay the seed's
+            policy = load_policy(path)
         need = [n for n in names if ALGOS[n].critic]
         if policy.critic is None and need:
             envs.close()
