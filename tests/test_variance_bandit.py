@@ -193,7 +193,9 @@ def test_streaming_moments_equal_the_batch_formula_and_the_summary_is_right():
     assert "cosine" not in res
     s = gradient_summary(torch.tensor([3.0, 4.0]), 4.0, torch.tensor([0.0, 2.0]))
     assert (s["mean_norm"], s["snr"], s["cosine"]) == (5.0, 2.5, pytest.approx(0.8))
-    assert gradient_summary(torch.zeros(2), 0.0, torch.ones(2))["snr"] == math.inf
+    assert gradient_summary(torch.ones(2), 0.0, torch.ones(2))["snr"] == math.inf
+    zero = gradient_summary(torch.zeros(2), 0.0, torch.ones(2))  # every batch gave 0 (no reward spread)
+    assert math.isnan(zero["snr"]) and math.isnan(zero["cosine"])
 
 
 def test_measure_refuses_fewer_than_two_batches():

@@ -42,11 +42,12 @@ def gradient_moments(grads: Tensor) -> tuple[Tensor, float]:
 
 def gradient_summary(mean: Tensor, variance: float, reference: Tensor | None = None) -> dict[str, float]:
     """The reported numbers of one estimator from its ``mean`` (P,) and total ``variance``:
-    ``variance``, ``mean_norm`` ||ḡ||, ``snr`` ||ḡ|| / √variance (inf for a variance of 0), and
+    ``variance``, ``mean_norm`` ||ḡ||, ``snr`` ||ḡ|| / √variance (inf for a variance of 0, nan when
+    the mean is 0 too: every batch gave the zero gradient, e.g. no reward spread), and
     ``cosine`` to ``reference`` (P,) when given (nan when either vector is 0)."""
     norm = float(mean.double().norm())
     out = {"variance": variance, "mean_norm": norm,
-           "snr": norm / math.sqrt(variance) if variance > 0 else math.inf}
+           "snr": norm / math.sqrt(variance) if variance > 0 else math.inf if norm > 0 else math.nan}
     if reference is not None:
         if reference.shape != mean.shape:
             raise ValueError(f"reference of shape {tuple(reference.shape)} for a mean of shape {tuple(mean.shape)}")

@@ -74,9 +74,10 @@ class VarianceConfig(LMConfig):
             raise ValueError(f"--batches must be >= 2 (a variance needs two estimates), got {self.batches}")
         if self.reference_batches < 0:
             raise ValueError(f"--reference-batches must be >= 0, got {self.reference_batches}")
-        names = self.estimators or list(ESTIMATORS)
-        if self.samples_per_prompt < 2 and {"group_mean", "group_mean_std", "loo"} & set(names):
-            raise ValueError("the group baselines (group_mean, group_mean_std, loo) need --samples-per-prompt >= 2")
+        used = {*(self.estimators or ESTIMATORS), *([self.reference] if self.reference_batches else [])}
+        if self.samples_per_prompt < 2 and {"group_mean", "group_mean_std", "loo"} & used:
+            raise ValueError("the group baselines (group_mean, group_mean_std, loo; also as --reference) need "
+                             "--samples-per-prompt >= 2")
 
     @property
     def names(self) -> list[str]:
