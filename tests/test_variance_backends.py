@@ -52,6 +52,18 @@ def test_lm_variance_of_every_estimator_from_the_same_samples(tiny_lm_dir, tmp_p
     assert (tmp_path / "var" / "variance.png").exists()
 
 
+def test_one_rollout_serves_every_estimator_unless_their_rollouts_differ(monkeypatch):
+    from pg_lm.lm import variance
+
+    assert variance.trainer_baseline(["none", "loo"]) == "none"
+    assert variance.trainer_baseline(["loo", "gae"]) == "value"
+    extra = variance.Estimator("reinforce", "none", rollout_baseline="extra")  # a baseline with rows of its own
+    monkeypatch.setitem(variance.ESTIMATORS, "extra", extra)
+    assert variance.trainer_baseline(["none", "extra"]) == "extra"
+    with pytest.raises(ValueError, match=r"^--estimators extra, value need different rollouts"):
+        variance.trainer_baseline(["extra", "value", "loo"])
+
+
 def test_lm_variance_of_a_trained_adapter_from_the_command_line(tiny_lm_dir, tmp_path, capsys):
     """--adapter: a LoRA adapter folder (adapter_config.json naming its base) merged, then measured."""
     from peft import LoraConfig, get_peft_model

@@ -37,6 +37,9 @@ class Estimator:
     estimator: str  # --estimator
     baseline: str  # --baseline
     scale_rewards: bool = False  # --scale-rewards
+    # the --baseline the trainer must be built with for its rollout to hold what this estimator needs
+    # beyond the samples and a value head (e.g. a baseline that decodes extra completions), else None
+    rollout_baseline: str | None = None
 
     @property
     def uses_value_head(self) -> bool:
@@ -101,6 +104,20 @@ def policy_gradients(trainer, batch, names: list[str]) -> dict[str, Tensor]:
     return out
 
 
+def trainer_baseline(names: list[str]) -> str:
+    """The ``--baseline`` the trainer is built with, so that one rollout serves every estimator in
+    ``names``: ``value`` when one needs a value head, an estimator's ``rollout_baseline`` when its
+    rollout differs, else ``none``. Estimators needing different rollouts are a ``ValueError``."""
+    ests = [ESTIMATORS[n] for n in dict.fromkeys(names)]
+    needs = {e.rollout_baseline for e in ests if e.rollout_baseline}
+    needs |= {"value"} if any(e.uses_value_head for e in ests) else set()
+    if len(needs) > 1:
+        apart = [n for n in dict.fromkeys(names) if ESTIMATORS[n].rollout_baseline or ESTIMATORS[n].uses_value_head]
+        raise ValueError(f"--estimators {', '.join(apart)} need different rollouts "
+                         f"(--baseline {' / '.join(sorted(needs))}): measure them in separate runs")
+    return needs.pop() if needs else "none"
+
+
 def _model_to_load(cfg: VarianceConfig, tmp: str) -> str:
     """``--model``, or ``--adapter`` merged into its base (written to ``tmp``), or a run folder's checkpoint."""
     from pathlib import Path
@@ -132,11 +149,11 @@ def run_variance(cfg: VarianceConfig, progress=None, reward_fns=None, train_data
     train_ds, _, fns, weights = prompts_and_rewards(cfg, reward_fns, train_dataset, None, reward_weights)
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_to_load(cfg, tmp)
-        values = any(ESTIMATORS[n].uses_value_head for n in [*names, cfg.reference])
+        baseline = trainer_baseline([*names, cfg.reference] if cfg.reference_batches else names)
         fields = {f.name for f in dataclasses.fields(LMConfig)}
         base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}
         tcfg = LMConfig(**{**base, "model": model, "loss_type": None, "estimator": "reinforce",
-                           "baseline": "value" if values else "none", "scale_rewards": False,
+                           "baseline": baseline, "scale_rewards": False,
                            "output_dir": f"{tmp}/trainer", "save_model": False, "progress": False, "resume": False,
                            "report_to": "none"})
         trainer = Trainer(tcfg, fns, train_ds, None, weights)
