@@ -86,6 +86,7 @@ def test_lm_variance_of_a_trained_adapter_from_the_command_line(tiny_lm_dir, tmp
 @pytest.mark.parametrize("argv,fragment", [
     (["--batches", "1"], "--batches must be >= 2"),
     (["--adapter", "no/such/run"], "--adapter no/such/run: no such folder"),
+    (["--baseline", "loo"], "--baseline: pg-lm variance compares estimators; name them with --estimators"),
     (["--env", "CartPole-v1", "--estimators", "nope"], "invalid choice: 'nope'"),
     (["--env", "CartPole-v1", "--batches", "1"], "--batches must be >= 2"),
     (["--env", "CartPole-v1", "--policy", "no/such/policy.pt"], "--policy no/such/policy.pt: no such file"),

@@ -73,6 +73,10 @@ class VarianceConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        chosen = sorted({"estimator", "baseline", "scale_rewards", "loss_type"} & getattr(self, "_explicit", set()))
+        if chosen:
+            raise ValueError(f"--{chosen[0].replace('_', '-')}: pg-lm variance compares estimators; name them "
+                             f"with --estimators ({', '.join(ESTIMATORS)})")
         if self.batches < 2:
             raise ValueError(f"--batches must be >= 2 (a variance needs two estimates), got {self.batches}")
         if self.reference_batches < 0:
