@@ -91,11 +91,15 @@ class VarianceConfig(LMConfig):
         return list(dict.fromkeys(self.estimators or ESTIMATORS))
 
 
+def policy_params(trainer) -> list[Tensor]:
+    """The trainable parameters whose gradient is measured: the policy's, not the value head's."""
+    return [p for n, p in trainer.policy.named_parameters() if p.requires_grad and "value_head" not in n]
+
+
 def policy_gradients(trainer, batch, names: list[str]) -> dict[str, Tensor]:
     """{estimator: the gradient (P,) of its loss on ``batch``} over the trainer's trainable parameters
     (the value head's left out: the policy gradient alone). ``batch`` is a ``Trainer.rollout`` one."""
-    named = [(n, p) for n, p in trainer.policy.named_parameters() if p.requires_grad and "value_head" not in n]
-    params = [p for _, p in named]
+    params = policy_params(trainer)
     trainer.policy.train()  # as update() runs it
     out = {}
     for name in names:
@@ -173,7 +177,7 @@ def run_variance(cfg: VarianceConfig, progress=None, reward_fns=None, train_data
 
         results = measure(draw, lambda b, n: policy_gradients(trainer, b, n), names, cfg.batches, cfg.reference,
                           cfg.reference_batches, progress)
-        n_params = sum(p.numel() for n, p in trainer.policy.named_parameters() if p.requires_grad and "value_head" not in n)
+        n_params = sum(p.numel() for p in policy_params(trainer))
     meta = {"backend": "lm", "model": cfg.model, "adapter": cfg.adapter, "task": None if cfg.dataset else cfg.task,
             "dataset": cfg.dataset, "batches": cfg.batches, "reference": cfg.reference,
             "reference_batches": cfg.reference_batches, "prompts_per_step": cfg.prompts_per_step,
