@@ -34,6 +34,7 @@ from .natural import (
     gaussian_kl,
     step_scale,
 )
+from .variance import gradient_moments, gradient_summary, welford_update
 
 __all__ = [
     "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "batch_mean_baseline",
@@ -44,4 +45,6 @@ __all__ = [
     # the natural-gradient (TRPO) step
     "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product", "flat_grad",
     "gaussian_kl", "step_scale",
+    # gradient-estimator moments (pg-lm variance)
+    "gradient_moments", "gradient_summary", "welford_update",
 ]

@@ -92,7 +92,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return float(1.0 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
 
 
-def _loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, algo: Algo) -> tuple[Tensor, dict]:
+def minibatch_loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, algo: Algo) -> tuple[Tensor, dict]:
     """The scalar loss of one minibatch of flattened steps (M,) and its statistics."""
     logp, entropy, values = policy.evaluate(mb["obs"], mb["actions"])  # (M,) each
     mask = mb["mask"]
@@ -120,21 +120,26 @@ def _critic_loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, alg
     return v_loss, {"loss/value": v_loss}
 
 
+def flatten(batch: Rollout, adv: Tensor, returns: Tensor) -> dict[str, Tensor]:
+    """The rollout's steps (B, T) as one flat minibatch of B·T steps, with their advantages and value targets."""
+    return dict(obs=batch.obs.flatten(0, 1), actions=batch.actions.flatten(0, 1), logp=batch.logp.reshape(-1),
+                values=batch.values.reshape(-1), adv=adv.reshape(-1), returns=returns.reshape(-1),
+                mask=batch.mask.reshape(-1))
+
+
 def update(policy: ActorCritic, opt: torch.optim.Optimizer, batch: Rollout, adv: Tensor, returns: Tensor,
            cfg: GymConfig, algo: Algo) -> dict[str, float]:
     """Optimise on one rollout: ``epochs x minibatches`` steps for PPO, one step otherwise;
     TRPO: one natural-gradient step of the actor, then ``epochs x minibatches`` critic steps.
 
     Each minibatch is its own optimiser step, so its loss is its own token-mean."""
-    flat = dict(obs=batch.obs.flatten(0, 1), actions=batch.actions.flatten(0, 1), logp=batch.logp.reshape(-1),
-                values=batch.values.reshape(-1), adv=adv.reshape(-1), returns=returns.reshape(-1),
-                mask=batch.mask.reshape(-1))  # B·T steps
+    flat = flatten(batch, adv, returns)
     epochs, minibatches = (cfg.epochs, cfg.minibatches) if algo.ppo or algo.trpo else (1, 1)
     stats: dict[str, list[float]] = defaultdict(list)
     if algo.trpo:  # the actor first, on the advantages of the values the rollout saw
         for k, v in natural_step(policy, flat, cfg).items():
             stats[k].append(v)
-    loss_fn = _critic_loss if algo.trpo else _loss
+    loss_fn = _critic_loss if algo.trpo else minibatch_loss
     for _ in range(epochs):
         for idx in torch.randperm(len(flat["mask"])).chunk(minibatches):
             loss, mb_stats = loss_fn(policy, {k: v[idx] for k, v in flat.items()}, cfg, algo)

@@ -34,6 +34,7 @@ class RunningMeanStd(nn.Module):
     def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
         super().__init__()
         self.clip, self.eps = clip, eps
+        self.frozen = False  # True: update() leaves the statistics as they are (a fixed policy: pg-lm variance)
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))  # SB3's prior count
@@ -43,7 +44,7 @@ class RunningMeanStd(nn.Module):
     def update(self, x: np.ndarray) -> None:
         """Fold a batch ``x`` (N, D) into the statistics."""
         n = x.shape[0]
-        if n == 0:
+        if n == 0 or self.frozen:
             return
         mean, var = x.mean(0), x.var(0)
         delta, total = mean - self._mean, self._count + n

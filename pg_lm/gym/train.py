@@ -211,13 +211,13 @@ def _finish(run: RunState, hit: dict | None) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None) -> GymConfig:
-    """Flags -> :class:`GymConfig`. A bad flag or value raises :class:`UsageError` with a
+def parse_args(argv: list[str] | None, cls: type = GymConfig, prog: str = "pg-lm gym"):
+    """Flags -> ``cls`` (a :class:`GymConfig`). A bad flag or value raises :class:`UsageError` with a
     one-line message (``parse_config`` reports through argparse, which prints the whole usage)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return parse_config(GymConfig, argv, prog="pg-lm gym")
+            return parse_config(cls, argv, prog=prog)
     except SystemExit as e:
         if not e.code:  # --help
             raise

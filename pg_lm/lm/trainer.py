@@ -342,6 +342,13 @@ class Trainer:
             self._bad = self._bad or "loss"
         return loss, parts
 
+    def rollout_loss(self, batch: Rollout, adv: Tensor, returns: Tensor | None = None) -> Tensor:
+        """The loss :meth:`update` minimises, on the whole of ``batch`` as one micro-batch (its own
+        token and sequence counts as the denominators): its gradient is that of one optimizer step of
+        a one-process run with one minibatch, before clipping. ``returns`` None leaves out the value loss."""
+        counts = (float(batch.completion_mask.sum()), float(len(adv)))
+        return self._micro_loss(batch, adv, returns, counts, counts)[0]
+
     @property
     def _zero_rows_are_inert(self) -> bool:
         """Whether a row whose advantage is 0 on every token adds exactly nothing to the gradient:
@@ -466,11 +473,17 @@ class Trainer:
         n = cfg.prompts_per_step * cfg.samples_per_prompt * self.acc.num_processes
         self.kl_coef *= 1.0 + err * n / cfg.kl_horizon
 
-    def advantages(self, batch: Rollout) -> tuple[Tensor, Tensor | None]:
-        """(advantages (B, T), value targets (B, T) or None) of a scored rollout, as the config asks."""
+    def advantages(self, batch: Rollout, estimator: str | None = None, baseline: str | None = None,
+                   scale_rewards: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """(advantages (B, T), value targets (B, T) or None) of a scored rollout, as the config asks;
+        ``estimator`` / ``baseline`` / ``scale_rewards`` given: as those flags would (pg_lm/lm/variance.py
+        compares estimators on one rollout)."""
         cfg = self.cfg
-        adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
-                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
+        estimator = cfg.estimator if estimator is None else estimator
+        baseline = cfg.baseline if baseline is None else baseline
+        scale_rewards = cfg.scale_rewards if scale_rewards is None else scale_rewards
+        adv, returns = estimate.advantages(estimator, baseline, batch.rewards, batch.completion_mask,
+                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, scale_rewards)
         if cfg.whiten_advantages:  # over the global batch: every process's tokens (REINFORCE++)
             reduce = None
             if self.acc.num_processes > 1:  # op "sum" / "max" over every process's value

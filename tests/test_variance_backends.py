@@ -1,0 +1,134 @@
+"""pg-lm variance on both backends: the LM estimators' gradients are the trainer's own (the
+gradient an optimizer step would get), exact identities between estimators on the same samples,
+a checkpoint (adapter, gym policy.pt) measured, and bad input as one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lm_fixtures import make_trainer, prompt_dataset, varied_reward
+from pg_lm.cli import main as cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
+
+TINY = dict(prompts_per_step=2, samples_per_prompt=4, max_new_tokens=6, mixed_precision="no", lora_r=0,
+            progress=False, seed=0)
+
+
+def test_the_measured_gradient_is_the_one_the_trainer_steps_with(tiny_lm_dir, tmp_path):
+    """Trainer.rollout_loss's gradient on a rollout equals what update() hands the optimizer."""
+    from pg_lm.lm.variance import policy_gradients
+
+    tr = make_trainer(tiny_lm_dir, tmp_path, baseline="loo", max_grad_norm=None, micro_batch_size=3)
+    batch, _ = tr.rollout()
+    ours = policy_gradients(tr, batch, ["loo"])["loo"]
+    seen = []
+    tr.opt.step = lambda *a, **k: seen.append(torch.cat([p.grad.reshape(-1) for p in tr.params]).double())
+    tr.update(batch, *tr.advantages(batch))
+    assert len(seen) == 1 and ours.norm() > 0
+    torch.testing.assert_close(ours, seen[0], rtol=1e-5, atol=1e-7)
+
+
+def test_lm_variance_of_every_estimator_from_the_same_samples(tiny_lm_dir, tmp_path):
+    """Exact identities on the same batches: leave-one-out = G/(G-1) x group mean (per batch, so
+    the variance scales by (G/(G-1))² and the SNR is equal); the value baseline of a fresh (zero)
+    value head is no baseline; the reference's cosine is there; the files are written."""
+    from pg_lm.lm.variance import ESTIMATORS, VarianceConfig, run_variance
+
+    cfg = VarianceConfig(model=tiny_lm_dir, **TINY, batches=3, reference_batches=2, output_dir=str(tmp_path / "var"))
+    result, table = run_variance(cfg, reward_fns=[varied_reward], train_dataset=prompt_dataset())
+    res, G = result["results"], 4
+    assert list(res) == list(ESTIMATORS) and len(table.splitlines()) == 2 + len(ESTIMATORS)
+    assert all(r["variance"] > 0 and r["mean_norm"] > 0 and -1 <= r["cosine"] <= 1 for r in res.values())
+    assert res["loo"]["variance"] == pytest.approx((G / (G - 1)) ** 2 * res["group_mean"]["variance"], rel=1e-6)
+    assert res["loo"]["snr"] == pytest.approx(res["group_mean"]["snr"], rel=1e-6)
+    assert res["value"] == pytest.approx(res["none"], rel=1e-9)
+    assert res["gae"]["variance"] != pytest.approx(res["none"]["variance"], rel=1e-3)  # λ < 1 discounts early tokens
+    saved = json.loads((tmp_path / "var" / "variance.json").read_text())
+    assert saved["backend"] == "lm" and saved["batches"] == 3 and saved["trainable_params"] > 0
+    assert (tmp_path / "var" / "variance.png").exists()
+
+
+def test_one_rollout_serves_every_estimator_unless_their_rollouts_differ(monkeypatch):
+    from pg_lm.lm import variance
+
+    assert variance.trainer_baseline(["none", "loo"]) == "none"
+    assert variance.trainer_baseline(["loo", "gae"]) == "value"
+    extra = variance.Estimator("reinforce", "none", rollout_baseline="extra")  # a baseline with rows of its own
+    monkeypatch.setitem(variance.ESTIMATORS, "extra", extra)
+    assert variance.trainer_baseline(["none", "extra"]) == "extra"
+    with pytest.raises(ValueError, match=r"^--estimators extra, value need different rollouts"):
+        variance.trainer_baseline(["extra", "value", "loo"])
+
+
+def test_lm_variance_of_a_trained_adapter_from_the_command_line(tiny_lm_dir, tmp_path, capsys):
+    """--adapter: a LoRA adapter folder (adapter_config.json naming its base) merged, then measured."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lm.save_pretrained(tmp_path / "adapter")
+    rc = cli(["variance", "--adapter", str(tmp_path / "adapter"), "--task", "counting", "--batches", "2",
+              "--reference-batches", "0", "--estimators", "none", "loo", "--prompts-per-step", "2",
+              "--samples-per-prompt", "2", "--max-new-tokens", "4", "--mixed-precision", "no", "--lora-r", "2",
+              "--progress", "false", "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| none |" in out and "| loo |" in out and "cos(" not in out
+    saved = json.loads((tmp_path / "out" / "variance.json").read_text())
+    assert saved["adapter"] == str(tmp_path / "adapter") and saved["lora_r"] == 2
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--batches", "1"], "--batches must be >= 2"),
+    (["--adapter", "no/such/run"], "--adapter no/such/run: no such folder"),
+    (["--baseline", "loo"], "--baseline: pg-lm variance compares estimators; name them with --estimators"),
+    (["--env", "CartPole-v1", "--estimators", "nope"], "invalid choice: 'nope'"),
+    (["--env", "CartPole-v1", "--batches", "1"], "--batches must be >= 2"),
+    (["--env", "CartPole-v1", "--policy", "no/such/policy.pt"], "--policy no/such/policy.pt: no such file"),
+    (["--env", "NoSuchEnv-v0"], "unknown environment 'NoSuchEnv-v0'"),
+])
+def test_bad_variance_input_is_one_line_exit_2(argv, fragment, tiny_lm_dir, tmp_path, capsys):
+    argv = ["variance", *argv, "--output-dir", str(tmp_path)]
+    if "--env" not in argv:
+        argv += ["--model", tiny_lm_dir, "--mixed-precision", "no"]
+    try:
+        rc = cli(argv)
+    except SystemExit as e:  # flag parsing and config validation exit through argparse
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and fragment in err and len(err.splitlines()) == 1, err
+
+
+def test_gym_variance_of_every_method_and_of_a_saved_policy(tmp_path, capsys):
+    """CartPole: every method's row from the same episodes; a saved policy.pt of the same weights
+    measures the same numbers; a policy without a critic is refused for the methods that need one."""
+    from pg_lm.gym.algos import ALGOS
+    from pg_lm.gym.policy import save_policy
+    from pg_lm.gym.train import _setup
+    from pg_lm.gym.variance import GymVarianceConfig, method_configs, run_gym_variance
+
+    kw = dict(env="CartPole-v1", batches=3, reference_batches=2, n_steps=20, num_envs=2, progress=False)
+    fresh, table = run_gym_variance(GymVarianceConfig(**kw, output_dir=str(tmp_path / "a")))
+    assert list(fresh["results"]) == list(ALGOS) and len(table.splitlines()) == 2 + len(ALGOS)
+    assert all(r["variance"] > 0 and r["cosine"] > 0 for r in fresh["results"].values())
+    assert fresh["episodes"] > 0 and (tmp_path / "a" / "variance.png").exists()
+    cfgs = method_configs(GymVarianceConfig(**kw), ["reinforce-baseline"])
+    torch.manual_seed(0)
+    envs, policy = _setup(cfgs["reinforce-baseline"], ALGOS["a2c"])  # as a fresh measurement builds it
+    envs.close()
+    save_policy(policy, tmp_path / "policy.pt", {})
+    loaded, _ = run_gym_variance(GymVarianceConfig(**kw, policy=str(tmp_path), output_dir=str(tmp_path / "b")))
+    assert loaded["results"] == fresh["results"]
+    no_critic = tmp_path / "plain"
+    no_critic.mkdir()
+    envs, plain = _setup(cfgs["reinforce-baseline"], ALGOS["reinforce"])
+    envs.close()
+    save_policy(plain, no_critic / "policy.pt", {})
+    rc = cli(["variance", "--env", "CartPole-v1", "--policy", str(no_critic), "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "has no critic" in err and len(err.splitlines()) == 1
