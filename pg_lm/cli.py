@@ -1,17 +1,19 @@
 """``pg-lm`` command line: ``pg-lm gym ...`` (classic control), ``pg-lm lm ...`` (language models),
-``pg-lm eval ...`` and ``pg-lm export ...`` (what a language-model run trained)."""
+``pg-lm eval ...``, ``pg-lm export ...`` (what a language-model run trained) and ``pg-lm view ...``
+(which tokens of its logged completions got the credit)."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: pg-lm {gym,lm,eval,export} [flags]
+USAGE = """usage: pg-lm {gym,lm,eval,export,view} [flags]
 
   pg-lm gym --env CartPole-v1 --algo ppo ...   classic-control policy gradients
   pg-lm lm  --task arithmetic --estimator reinforce ...   RL fine-tuning of a causal LM
   pg-lm lm  --dataset data.jsonl --reward rewards.py:correct ...   ... on your prompts and rewards
   pg-lm eval --adapter runs/lm/checkpoint-last --eval-samples 8 ...   accuracy, pass@k, lengths
   pg-lm export runs/lm/checkpoint-last OUT_DIR   a LoRA adapter merged into its base, as an HF folder
+  pg-lm view runs/lm [--step N]   logged completions, each token shaded by its advantage (view.html)
 
 Run `pg-lm <command> --help` for every flag."""
 
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from pg_lm.lm.export import main as export_main
 
         return export_main(rest)
+    if cmd == "view":
+        from pg_lm.run.view import main as view_main
+
+        return view_main(rest)
     print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
