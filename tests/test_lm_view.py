@@ -98,14 +98,14 @@ def test_completions_are_grouped_by_prompt_with_their_rewards():
 
 def test_token_texts_are_the_pieces_of_the_decoded_text_an_unfinished_character_on_its_last_byte():
     class Bytes:  # a byte-level tokenizer: each id one UTF-8 byte
-        def batch_decode(self, seqs, **_):
-            return [self.decode(s) for s in seqs]
-
         def decode(self, ids, **_):
             return bytes(ids).decode("utf-8", errors="replace")
 
     ids = list("a é&".encode())
     assert token_texts(Bytes(), ids) == ["a", " ", "", "é", "&"]
+    assert token_texts(Bytes(), ids, context=0) == ["a", " ", "", "é", "&"]
+    ids = list("€€ x".encode())  # 3-byte characters; the context window starts mid-character
+    assert token_texts(Bytes(), ids, context=1) == ["", "", "€", "", "", "€", " ", "x"]
 
 
 # ---------------------------------------------------------------- what the trainer records
@@ -173,8 +173,8 @@ def test_view_of_a_real_run_renders_in_headless_chromium(tiny_lm_dir, tmp_path, 
     rewards = tmp_path / "rewards.py"  # rewards that differ within a group: some tokens get credit
     rewards.write_text("def varied(prompts, completions, **_):\n"
                        "    return [float(sum(map(ord, c)) % 7) / 7.0 for c in completions]\n")
-    code = main(["lm", "--model", tiny_lm_dir, "--output-dir", str(run), "--reward", f"{rewards}:varied", "--max-steps", "2", "--samples-every", "2",
-                 "--prompts-per-step", "2", "--samples-per-prompt", "3", "--max-new-tokens", "8", "--progress", "false",
+    code = main(["lm", "--model", tiny_lm_dir, "--output-dir", str(run), "--reward", f"{rewards}:varied",
+                 "--max-steps", "2", "--samples-every", "2", "--prompts-per-step", "2", "--samples-per-prompt", "3", "--max-new-tokens", "8", "--progress", "false",
                  "--save-model", "false", "--lora-r", "0", "--eval-every", "0", "--eval-size", "2"])
     assert code == 0
     capsys.readouterr()

@@ -17,25 +17,26 @@ from pg_lm.core import kl_estimate
 from pg_lm.run.view import FILE  # noqa: F401  (the trainer writes what the view reads)
 
 
-def token_texts(tok, ids: list[int]) -> list[str]:
+def token_texts(tok, ids: list[int], context: int = 4) -> list[str]:
     """The text each token of ``ids`` adds to the decoded completion, special tokens kept.
 
-    Each piece is the difference between the decoded prefixes with and without the token, so a
-    leading space (SentencePiece's ``▁``) is kept; a token that ends in the middle of a UTF-8
-    character adds "" and the character shows on the token that completes it.
+    Each piece is the difference between two decodings that end before and after the token, both
+    starting ``context`` tokens earlier, so a leading space (SentencePiece's ``▁``) is kept, at a
+    cost linear in the length. A token that ends in the middle of a UTF-8 character adds "", and
+    the character shows on the token that completes it.
     """
-    prefixes = tok.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-    out, done = [], ""
-    for k, text in enumerate(prefixes):
-        if text.endswith("\ufffd") and k < len(ids) - 1:  # an unfinished character: wait for the next token
+    def decode(x):
+        return tok.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    out, start = [], 0  # ids[:start] are shown in full
+    for k in range(len(ids)):
+        first = max(0, start - context)
+        before, after = decode(ids[first:start]), decode(ids[first:k + 1])
+        if after.endswith("\ufffd") and k < len(ids) - 1:  # an unfinished character: wait for the next token
             out.append("")
             continue
-        if text.startswith(done):
-            out.append(text[len(done):])
-        else:  # decoding is not prefix-stable here: the token on its own
-            out.append(tok.decode([ids[k]], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-        done = text
+        out.append(after[len(before):] if after.startswith(before) else decode(ids[start:k + 1]))
+        start = k + 1
     return out
 
 

@@ -58,8 +58,10 @@ def _token(row: dict, k: int, scale: float) -> str:
     adv = row["advantage"][k]
     bg = shade(adv, scale)
     dark = adv is not None and scale > 0 and abs(adv) / scale > 0.6
-    info = [f"{LABELS[q]} {_fmt(row[q][k])}" + (f" (p {math.exp(row[q][k]):.3f})" if q == "logp" and row[q][k] is not None
-                                                else "") for q in LABELS if q in row]
+    info = []
+    for q in (q for q in LABELS if q in row):
+        x = row[q][k]
+        info.append(f"{LABELS[q]} {_fmt(x)}" + (f" (p {math.exp(x):.3f})" if q == "logp" and x is not None else ""))
     data = "".join(f' data-{q}="{_fmt(row[q][k])}"' for q in LABELS if q in row)
     text = row["tokens"][k].replace("\n", "\u21b5\n")  # a newline token stays visible
     cls = "t dark" if dark else "t"
