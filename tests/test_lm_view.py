@@ -72,6 +72,7 @@ def test_page_escapes_every_text_from_the_run():
     assert "<script>alert" not in html and "<b>bold" not in html
     assert "&lt;script&gt;" in html and "&lt;b&gt;bold&lt;/b&gt; &amp; co" in html and " &amp; " in html
     assert html.count("<script>") == 1  # the page's own, and nothing else opens one
+    assert not re.search(r"https?:|src=|href=|@import", html)  # self-contained: loads nothing
     got = spans(html)
     assert [s["text"] for s in got] == evil  # the parser un-escapes back to the tokens as they were
     assert got[0]["title"].startswith("advantage 1 | log-prob -0.5 (p 0.607) | KL to ref 0.1")
