@@ -24,7 +24,7 @@ class Spans(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.spans, self._open, self.texts = [], None, []
+        self.spans, self._open = [], None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -32,8 +32,6 @@ class Spans(HTMLParser):
             bg = re.search(r"background:\s*(#[0-9a-f]{6}|rgb\([^)]*\))", a["style"]).group(1)
             self._open = {"text": "", "bg": bg, "title": a.get("title"),
                           "data": {k[5:]: v for k, v in a.items() if k.startswith("data-")}}
-        if tag == "script":
-            self.texts.append("<script>")
 
     def handle_data(self, data):
         if self._open is not None:
@@ -192,6 +190,16 @@ def test_view_of_a_real_run_renders_in_headless_chromium(tiny_lm_dir, tmp_path, 
     assert scale > 0
     want = [shade(a, scale) for r in rows for a in r["advantage"]]
     assert [s["bg"] for s in got] == want
+    # hovering a token shows its numbers in the panel (the page's script, run by the browser)
+    k = max(range(len(got)), key=lambda i: abs(float(got[i]["data"]["advantage"])))
+    hover = tmp_path / "hover.html"
+    hover.write_text(page.read_text().replace("</body>", '<script>document.querySelectorAll(".t")[%d].dispatchEvent('
+                                              'new MouseEvent("mouseover", {bubbles: true}));</script></body>' % k))
+    dom = subprocess.run([browser, *flags, "--dump-dom", hover.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    panel = re.search(r'<div id="info" style="display: block;">(.*?)</div>', dom, re.S)
+    assert panel is not None and panel.group(1).split("\n") == got[k]["title"].split(" | ")
+    assert panel.group(1).startswith(f"advantage {got[k]['data']['advantage']}\nlog-prob ")
     # and painted: every token's colour is on the screenshot (each a background of some 100 pixels)
     shot = tmp_path / "shot.png"
     subprocess.run([browser, *flags, "--hide-scrollbars", "--window-size=1000,2000", f"--screenshot={shot}",
