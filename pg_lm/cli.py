@@ -1,12 +1,13 @@
 """``pg-lm`` command line: ``pg-lm gym ...`` (classic control), ``pg-lm lm ...`` (language models),
 ``pg-lm eval ...`` and ``pg-lm export ...`` (what a language-model run trained), ``pg-lm variance ...``
-(the gradient variance of each estimator at a fixed policy)."""
+(the gradient variance of each estimator at a fixed policy) and ``pg-lm view ...`` (which tokens of
+a run's logged completions got the credit)."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: pg-lm {gym,lm,eval,export,variance} [flags]
+USAGE = """usage: pg-lm {gym,lm,eval,export,variance,view} [flags]
 
   pg-lm gym --env CartPole-v1 --algo ppo ...   classic-control policy gradients
   pg-lm lm  --task arithmetic --estimator reinforce ...   RL fine-tuning of a causal LM
@@ -14,6 +15,7 @@ USAGE = """usage: pg-lm {gym,lm,eval,export,variance} [flags]
   pg-lm eval --adapter runs/lm/checkpoint-last --eval-samples 8 ...   accuracy, pass@k, lengths
   pg-lm export runs/lm/checkpoint-last OUT_DIR   a LoRA adapter merged into its base, as an HF folder
   pg-lm variance --task arithmetic --batches 32 ...   gradient variance of each baseline (--env ENV: gym)
+  pg-lm view runs/lm [--step N]   logged completions, each token shaded by its advantage (view.html)
 
 Run `pg-lm <command> --help` for every flag."""
 
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             from pg_lm.lm.variance import main as variance_main
 
         return variance_main(rest)
+    if cmd == "view":
+        from pg_lm.run.view import main as view_main
+
+        return view_main(rest)
     print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -34,7 +34,7 @@ from pg_lm.core import (
 )
 from pg_lm.run.signals import Interrupted, stop_on_signals
 
-from . import estimate
+from . import credit, estimate
 from .checkpoint import save_checkpoint
 from .config import LMConfig
 from .data import check_dataset
@@ -527,6 +527,9 @@ class Trainer:
         if self.step % cfg.samples_every == 0 or self.step == 1:
             self.writer.samples([{"step": self.step, "prompt": p, "completion": c, "reward": float(r)}
                                  for p, c, r in zip(batch.prompts, batch.completions, batch.scores)])
+            if self.writer.enabled:  # per token, for `pg-lm view` (decoding is work: the writing process only)
+                self.writer.samples(credit.token_rows(batch, adv, self.tok, self.step, cfg.samples_per_prompt,
+                                                      cfg.kl_estimator), name=credit.FILE)
         return stats
 
     # ------------------------------------------------------------------ run

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+# the line-per-row logs: emptied by a fresh run, cut back to the checkpoint's step by a resumed one
+LOGS = ("metrics.jsonl", "samples.jsonl", "samples_tokens.jsonl")
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
         x = x.item()
@@ -25,7 +29,8 @@ def _jsonable(x: Any) -> Any:
 
 
 class RunWriter:
-    """Writes ``config.json``, ``metrics.jsonl``, ``samples.jsonl``, ``summary.json`` and plots.
+    """Writes ``config.json``, ``metrics.jsonl``, ``samples.jsonl`` (and ``samples_tokens.jsonl``),
+    ``summary.json`` and plots.
 
     ``trackers`` is an optional callable ``(metrics: dict, step: int) -> None`` (e.g.
     ``accelerator.log``) that receives every metrics row too (TensorBoard / W&B).
@@ -38,7 +43,7 @@ class RunWriter:
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # a fresh run starts fresh logs; --resume appends
-                for name in ("metrics.jsonl", "samples.jsonl"):
+                for name in LOGS:
                     (self.dir / name).unlink(missing_ok=True)
 
     def write_json(self, name: str, obj: dict) -> None:
@@ -59,8 +64,9 @@ class RunWriter:
         if self.enabled and self.trackers is not None:
             self.trackers({k: _jsonable(v) for k, v in metrics.items()}, step=step)
 
-    def samples(self, rows: list[dict]) -> None:
-        self._append("samples.jsonl", rows)
+    def samples(self, rows: list[dict], name: str = "samples.jsonl") -> None:
+        """Sample rows (each with its ``step``) appended to ``name``, one of :data:`LOGS`."""
+        self._append(name, rows)
 
     def read_metrics(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"
@@ -96,9 +102,9 @@ class RunWriter:
 
 
 def trim_logs(output_dir: str, step: int) -> None:
-    """Drop ``metrics.jsonl`` / ``samples.jsonl`` rows after ``step`` (written by a run that died
-    before its next checkpoint): a resumed run redoes those steps and logs them again."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    """Drop the rows of every :data:`LOGS` file after ``step`` (written by a run that died before
+    its next checkpoint): a resumed run redoes those steps and logs them again."""
+    for name in LOGS:
         path = Path(output_dir) / name
         if not path.exists():
             continue
