@@ -8,6 +8,7 @@ from .advantages import (
     group_std,
     last_step_mask,
     leave_one_out_baseline,
+    remax_baseline,
     zero_spread_groups,
 )
 from .correction import SAMPLER_CORRECTIONS, sampler_is_weights, sampler_log_ratio
@@ -39,7 +40,7 @@ __all__ = [
     "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "batch_mean_baseline",
     "clip_fractions", "discounted_returns", "entropy_from_logits", "gae", "group_mean_baseline", "group_std",
     "kl_estimate", "last_step_mask", "leave_one_out_baseline", "log_ratio", "masked_mean", "masked_sum",
-    "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "sampler_is_weights", "sampler_log_ratio", "value_loss",
+    "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "remax_baseline", "sampler_is_weights", "sampler_log_ratio", "value_loss",
     "zero_spread_groups",
     # the natural-gradient (TRPO) step
     "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product", "flat_grad",

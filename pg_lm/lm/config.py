@@ -11,7 +11,7 @@ from pg_lm.run.config import arg
 from .presets import PRESETS, apply_preset, record_explicit
 
 ESTIMATORS = ("reinforce", "gae")
-BASELINES = ("none", "value", "batch_mean", "group_mean", "loo")
+BASELINES = ("none", "value", "batch_mean", "group_mean", "loo", "remax")
 
 
 TASK_NAMES = ("arithmetic", "countdown", "tagged", "counting")  # pg_lm.tasks.TASKS (a test keeps them equal)
@@ -110,7 +110,8 @@ class LMConfig(PromptConfig):
                                 "(printed and saved in config.json); a flag given with it overrides a tunable value, "
                                 "and one contradicting what defines the preset is an error", tuple(PRESETS))
     estimator: str = arg("reinforce", "advantage estimator: token-level REINFORCE or GAE with a value head", ESTIMATORS)
-    baseline: str = arg("loo", "REINFORCE baseline (value = learned value head); ignored by gae, whose critic is the value head", BASELINES)
+    baseline: str = arg("loo", "REINFORCE baseline (value = learned value head; remax = the reward of one more, greedy, "
+                        "completion per prompt, not trained on); ignored by gae, whose critic is the value head", BASELINES)
     scale_rewards: bool = arg(False, "divide advantages by the group's reward std (GRPO); needs baseline group_mean")
     whiten_advantages: bool = arg(False, "whiten advantages over the global batch, every process's tokens "
                                   "(mean 0, std 1; REINFORCE++)")
@@ -209,6 +210,8 @@ class LMConfig(PromptConfig):
             raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.baseline in ("group_mean", "loo") and self.estimator == "reinforce" and self.samples_per_prompt < 2:
             raise ValueError(f"--baseline {self.baseline} needs --samples-per-prompt >= 2")
+        if self.baseline == "remax" and self.estimator != "reinforce":
+            raise ValueError(f"--baseline remax needs --estimator reinforce (--estimator {self.estimator} has its own critic)")
         if self.scale_rewards and (self.baseline != "group_mean" or self.estimator != "reinforce"):
             raise ValueError("--scale-rewards needs --estimator reinforce --baseline group_mean")
         if self.kl_estimator == "k1" and self.kl_in == "loss" and self.kl_coef > 0:

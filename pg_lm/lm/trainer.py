@@ -41,7 +41,7 @@ from .data import check_dataset
 from .evaluate import evaluate, truncation_warning
 from .peers import PeerWatch
 from .rewards import RewardModel, RewardSet
-from .sampling import Rollout, concat_rollouts, fit_prompts, sample
+from .sampling import Rollout, concat_rollouts, fit_prompts, sample, split_greedy
 
 
 # the quantities checked for NaN / inf each step, in the order they are computed
@@ -213,7 +213,7 @@ class Trainer:
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
                            max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer,
                            truncate_prompts=cfg.long_prompts == "truncate-left", system_prompt=cfg.system_prompt,
-                           logprobs=True)
+                           logprobs=True, greedy_extra=cfg.baseline == "remax")
         mask = batch.completion_mask
         per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist(),
                                            batch.completion_ids, self.tok)
@@ -222,6 +222,11 @@ class Trainer:
             last = (batch.lengths - 1).clamp(min=0)
             dense[batch.truncated, last[batch.truncated]] += cfg.overlong_penalty
         batch.rewards, batch.scores = dense, dense.sum(1)  # (B, T), (B,)
+        if cfg.baseline == "remax":  # scored like the samples (same functions, penalty), then set apart: not trained on
+            per = cfg.samples_per_prompt + 1
+            per_fn = {k: v.view(-1, per)[:, :-1].reshape(-1) for k, v in per_fn.items()}
+            batch, greedy = split_greedy(batch, cfg.samples_per_prompt)
+            batch.greedy_scores = greedy.scores.repeat_interleave(cfg.samples_per_prompt)  # (B,)
         return batch, per_fn
 
     def _informative(self, first: Rollout, zero: Tensor, lm, context) -> tuple[Rollout, dict]:
@@ -272,6 +277,8 @@ class Trainer:
                  **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
                  "completion/length": lengths.mean(), "completion/length_max": lengths.max(),
                  "completion/truncated_frac": batch.truncated.float().mean()}
+        if batch.greedy_scores is not None:  # ReMax's baseline: the greedy completions' mean reward
+            stats["reward/greedy"] = batch.greedy_scores.mean()
         if cfg.samples_per_prompt > 1:
             zero = zero_spread_groups(batch.scores, cfg.samples_per_prompt)  # (groups,)
             stats["reward/zero_spread_frac"] = zero.float().mean()
@@ -469,8 +476,10 @@ class Trainer:
     def advantages(self, batch: Rollout) -> tuple[Tensor, Tensor | None]:
         """(advantages (B, T), value targets (B, T) or None) of a scored rollout, as the config asks."""
         cfg = self.cfg
+        greedy = batch.greedy_scores[::cfg.samples_per_prompt] if batch.greedy_scores is not None else None  # (B / G,)
         adv, returns = estimate.advantages(cfg.estimator, cfg.baseline, batch.rewards, batch.completion_mask,
-                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards)
+                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, cfg.scale_rewards,
+                                           greedy_scores=greedy)
         if cfg.whiten_advantages:  # over the global batch: every process's tokens (REINFORCE++)
             reduce = None
             if self.acc.num_processes > 1:  # op "sum" / "max" over every process's value
