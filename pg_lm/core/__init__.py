@@ -27,12 +27,14 @@ from .losses import (
 from .metrics import pass_at_k
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .natural import (
+    assign_flat,
     backtracking_line_search,
     categorical_kl,
     conjugate_gradient,
     fisher_vector_product,
     flat_grad,
     gaussian_kl,
+    natural_gradient_step,
     step_scale,
 )
 
@@ -43,6 +45,6 @@ __all__ = [
     "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "remax_baseline", "sampler_is_weights", "sampler_log_ratio", "value_loss",
     "zero_spread_groups",
     # the natural-gradient (TRPO) step
-    "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product", "flat_grad",
-    "gaussian_kl", "step_scale",
+    "assign_flat", "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product",
+    "flat_grad", "gaussian_kl", "natural_gradient_step", "step_scale",
 ]
