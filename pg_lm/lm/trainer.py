@@ -34,7 +34,7 @@ from pg_lm.core import (
 )
 from pg_lm.run.signals import Interrupted, stop_on_signals
 
-from . import estimate
+from . import estimate, trpo
 from .checkpoint import save_checkpoint
 from .config import LMConfig
 from .data import check_dataset
@@ -120,6 +120,9 @@ class Trainer:
         self.bad_in_row = 0  # updates skipped in a row for a non-finite value (--max-bad-steps)
         self._bad = None  # the first non-finite quantity of the optimizer step under way (this process)
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
+        if cfg.update == "trpo" and self.acc.num_processes > 1:
+            raise ValueError(f"--update trpo runs on one process (its gradient and Fisher-vector products are not "
+                             f"all-reduced); this launch has {self.acc.num_processes}")
         for fn in self.rewards.fns:  # a reward model scores its batches on the accelerator
             if isinstance(fn, RewardModel):
                 fn.model.to(self.acc.device)
@@ -380,6 +383,8 @@ class Trainer:
         count them, so the update is the one the full batch would give.
         """
         cfg, acc = self.cfg, self.acc
+        if cfg.update == "trpo":  # one constrained natural-gradient step instead (docs/trpo.md)
+            return trpo.update(self, batch, adv, returns)
         B = adv.shape[0]
         mb_rows = B // cfg.num_minibatches
         micro = cfg.micro_batch_size or mb_rows
