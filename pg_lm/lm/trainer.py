@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -123,6 +124,8 @@ class Trainer:
         if cfg.update == "trpo" and self.acc.num_processes > 1:
             raise ValueError(f"--update trpo runs on one process (its gradient and Fisher-vector products are not "
                              f"all-reduced); this launch has {self.acc.num_processes}")
+        if cfg.update == "trpo":  # without a value head AdamW never steps; the schedule still counts the steps
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
         for fn in self.rewards.fns:  # a reward model scores its batches on the accelerator
             if isinstance(fn, RewardModel):
                 fn.model.to(self.acc.device)
