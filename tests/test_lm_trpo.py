@@ -132,3 +132,38 @@ def test_tiny_model_learns_to_write_digits_with_trpo(tiny_lm_dir, tmp_path):
     assert last > first + 0.3, rewards  # ... clearly better at the end
     assert summary["eval/reward_after"] > summary["eval/reward_before"]
     assert all(0 < r["policy/kl"] <= 0.1 * (1 + 1e-4) for r in rows)
+
+
+def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tiny_lm_dir, tmp_path):
+    """DDP over gloo: each process holds half of a fixed batch; the gradient, the Fisher-vector
+    products, the surrogate and the KL are sums over both, so the step (and the value head's AdamW
+    step) is the one a single process takes on the whole batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dist_trpo_worker as worker
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "two").mkdir()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs" / "accelerate" / "cpu_ddp.yaml"), "--num_processes", "2",
+           str(Path(__file__).with_name("dist_trpo_worker.py")), tiny_lm_dir, str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    two = torch.load(tmp_path / "two" / "trpo_2.pt")
+    (tmp_path / "one").mkdir()
+    one = worker.main(tiny_lm_dir, str(tmp_path / "one"))
+    assert two["stats"].keys() == one["stats"].keys()
+    for key in one["stats"]:  # every logged number is the whole batch's
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4, abs=1e-7), key
+    assert 0 < one["stats"]["policy/kl"] <= 0.01 * (1 + 1e-4)
+    for name, w in one["weights"].items():
+        step = w - one["before"][name]
+        assert torch.equal(two["before"][name], one["before"][name])
+        # the same step, up to summation order: conjugate gradient amplifies rounding a little
+        assert (two["weights"][name] - w).abs().max() <= 1e-3 * step.abs().max() + 1e-8, name
+        assert name.startswith("value_head") or step.abs().max() > 0, name

@@ -121,9 +121,10 @@ class Trainer:
         self.bad_in_row = 0  # updates skipped in a row for a non-finite value (--max-bad-steps)
         self._bad = None  # the first non-finite quantity of the optimizer step under way (this process)
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
-        if cfg.update == "trpo" and self.acc.num_processes > 1:
-            raise ValueError(f"--update trpo runs on one process (its gradient and Fisher-vector products are not "
-                             f"all-reduced); this launch has {self.acc.num_processes}")
+        sharded = str(self.acc.distributed_type).split(".")[-1]
+        if cfg.update == "trpo" and sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ValueError(f"--update trpo needs every process to hold the whole weights (DDP or one process); "
+                             f"this launch shards them ({sharded})")
         if cfg.update == "trpo":  # without a value head AdamW never steps; the schedule still counts the steps
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
         for fn in self.rewards.fns:  # a reward model scores its batches on the accelerator

@@ -23,9 +23,13 @@ kernel (the same function at θ_old and at each candidate, so the measured KL at
 The value head (``--estimator gae`` / ``--baseline value``) is not in the natural step: after it,
 one AdamW step on the value loss moves the head alone (gradients only reach its parameters).
 
-Left out: several processes (refused: the gradient and every Fisher-vector product would have to
-be all-reduced), micro-batches (the whole rollout is one forward), PPO's clipping and rollout reuse
-(``--ppo-epochs``, ``--num-minibatches``), the sampler-learner correction.
+Several processes (DDP): each holds a replica of the weights and a share of the batch; the gradient,
+each Fisher-vector product, the surrogate and the KL are summed over processes (normalised by the
+global token / sequence counts), so every process solves the same system and takes the same step.
+
+Left out: sharded weights (FSDP2, DeepSpeed: refused), micro-batches (each process's rollout is one
+forward), PPO's clipping and rollout reuse (``--ppo-epochs``, ``--num-minibatches``), the
+sampler-learner correction.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from pg_lm.core import aggregate, kl_estimate, masked_mean, natural_gradient_step, policy_loss, value_loss
+from pg_lm.core import aggregate, kl_estimate, masked_mean, masked_sum, natural_gradient_step, policy_loss, value_loss
 
 
 @contextmanager
@@ -57,7 +61,12 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
     head = {id(p) for p in policy.value_head.parameters()} if policy.value_head is not None else set()
     params = [p for p in tr.params if id(p) not in head]  # what the natural step moves
     mask, ids = batch.completion_mask, batch.completion_ids  # (B, T)
-    n_tok, n_seq = float(mask.sum()), float(mask.shape[0])
+    reduce = None  # several processes: sums over them (see natural_gradient_step)
+    if acc.num_processes > 1:
+        reduce = lambda t: acc.reduce(t.reshape(-1).clone(), "sum").view_as(t)  # noqa: E731
+    # global denominators: each process's loss and KL are its share of the whole batch's
+    n_tok = float(reduce(mask.sum()) if reduce else mask.sum())
+    n_seq = float(mask.shape[0] * acc.num_processes)
     tr.policy.eval()  # no dropout: every forward of the step is the same function of θ
 
     def log_probs() -> Tensor:  # (B, T, V) fp32 log π_θ at the completion positions
@@ -78,25 +87,29 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
             loss = loss + tr.kl_coef * agg(kl_estimate(logp, batch.ref_logp, cfg.kl_estimator))
         return -loss, entropy
 
-    def mean_kl() -> Tensor:  # exact KL(π_old || π_θ) per position, mean over completion tokens
-        return masked_mean((old_p * (old_logq - log_probs())).sum(-1), mask)
+    def mean_kl() -> Tensor:  # exact KL(π_old || π_θ) per position, mean over (every process's) completion tokens
+        return masked_sum((old_p * (old_logq - log_probs())).sum(-1), mask) / n_tok
 
     logq = log_probs()  # at θ_old, with its graph: the gradient's forward
     old_logq = logq.detach()  # (B, T, V) π_old, fixed for the step
     old_p = old_logq.exp()
     old_logp = old_logq.gather(-1, ids[..., None]).squeeze(-1)  # (B, T)
     before, entropy = objective(logq)
-    stats = {"loss/policy": -float(before.detach()), "policy/entropy": float(masked_mean(entropy.detach(), mask))}
+    total = reduce or (lambda t: t)  # every logged number is the whole batch's, the same on every process
+    stats = {"loss/policy": -float(total(before.detach())),
+             "policy/entropy": float(total(masked_sum(entropy.detach(), mask))) / n_tok}
     bad = "log-prob" if not bool(torch.isfinite(old_logp[mask.bool()]).all()) else None
     if bad is None and not bool(torch.isfinite(before)):
         bad = "loss"
+    bad = tr._agree(bad)  # every process takes the same branch
     if bad is None:
         stats.update(natural_gradient_step(before, lambda: objective(log_probs())[0], mean_kl, params, cfg.max_kl,
-                                           cfg.cg_iters, cfg.cg_damping, cfg.line_search_steps, cfg.backtrack_ratio))
+                                           cfg.cg_iters, cfg.cg_damping, cfg.line_search_steps, cfg.backtrack_ratio,
+                                           reduce))
         if not math.isfinite(stats["policy/grad_norm"]):
             bad = "gradient"  # (the step did not move)
     if bad is None and returns is not None and head:
-        stats["loss/value"] = _fit_value_head(tr, batch, returns, agg)
+        stats["loss/value"] = _fit_value_head(tr, policy, batch, returns, agg, reduce)
     if tr.sampler is not None:  # the sampling copy follows the weights (the next rollout reads it)
         tr.sampler.current = False
         tr.sampler.refresh()
@@ -105,16 +118,17 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
     return stats
 
 
-def _fit_value_head(tr, batch, returns: Tensor, agg) -> float:
-    """One AdamW step of the value head alone on the value loss (the trunk gets no gradient)."""
-    _, values, _ = tr._forward(batch, grad=True)
+def _fit_value_head(tr, policy, batch, returns: Tensor, agg, reduce) -> float:
+    """One AdamW step of the value head alone on the value loss (the trunk gets no gradient); the
+    forward is the unwrapped policy's (no DDP reducer waits for this gradient: it is summed here)."""
+    _, values, _ = tr._forward(batch, grad=True, model=policy)
     old_v = batch.values if batch.values is not None else values.detach()
     vl = agg(value_loss(values, old_v, returns, tr.cfg.value_clip))
-    head = list(tr.acc.unwrap_model(tr.policy).value_head.parameters())
+    head = list(policy.value_head.parameters())
     for p, g in zip(head, torch.autograd.grad(vl, head)):
-        p.grad = g
+        p.grad = reduce(g) if reduce else g
     if tr.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(head, tr.cfg.max_grad_norm)
     tr.opt.step()  # AdamW steps only the parameters that have a gradient: the head's
     tr.opt.zero_grad(set_to_none=True)
-    return float(vl.detach())
+    return float(reduce(vl.detach()) if reduce else vl.detach())  # (the whole batch's loss)
