@@ -40,7 +40,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from pg_lm.core import aggregate, kl_estimate, masked_mean, masked_sum, natural_gradient_step, policy_loss, value_loss
+from pg_lm.core import aggregate, kl_estimate, masked_sum, natural_gradient_step, policy_loss, value_loss
 
 
 @contextmanager
