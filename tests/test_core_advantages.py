@@ -20,6 +20,7 @@ from pg_lm.core import (
     group_std,
     last_step_mask,
     leave_one_out_baseline,
+    remax_baseline,
 )
 
 F = torch.float64
@@ -219,6 +220,20 @@ def test_leave_one_out_baseline():
     close(leave_one_out_baseline(SCORES, 4), [1 / 3, 2 / 3, 2 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 1.0])
     # RLOO identity: s - b_loo = G/(G-1) * (s - group mean)
     close(SCORES - leave_one_out_baseline(SCORES, 4), 4 / 3 * (SCORES - group_mean_baseline(SCORES, 4)))
+
+
+def test_remax_baseline_is_the_greedy_reward_of_each_prompt():
+    # two prompts, G = 4: prompt 0's greedy completion scored 0.5, prompt 1's 1.0
+    close(remax_baseline(SCORES, t([0.5, 1.0]), 4), [0.5] * 4 + [1.0] * 4)
+    close(SCORES - remax_baseline(SCORES, t([0.5, 1.0]), 4), [0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, -1.0])
+    # G = 1 (the paper's setting): one sample per prompt, its own prompt's greedy reward
+    close(remax_baseline(t([2.0, 3.0, 4.0]), t([1.0, 5.0, 4.0]), 1), [1.0, 5.0, 4.0])
+
+
+@pytest.mark.parametrize("greedy, group_size", [([0.5], 4), ([0.5, 1.0, 2.0], 4), ([0.5, 1.0], 3)])
+def test_remax_baseline_rejects_a_greedy_score_count_that_is_not_one_per_prompt(greedy, group_size):
+    with pytest.raises(ValueError):
+        remax_baseline(SCORES, t(greedy), group_size)
 
 
 def test_group_baselines_single_group_of_two():

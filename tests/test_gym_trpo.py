@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import pg_lm.core.natural as natural
 import pg_lm.gym.trpo as trpo
 from pg_lm.cli import main as cli_main
 from pg_lm.gym import ALGOS, ActorCritic, Collector, GymConfig, make_envs, resolve, train
@@ -75,8 +76,8 @@ def test_the_line_search_backs_off_when_the_quadratic_model_overshoots(monkeypat
     def spy(evaluate, max_kl, steps, ratio):
         return real(lambda f: tried.append((f, *evaluate(f))) or tried[-1][1:], max_kl, steps, ratio)
 
-    real = trpo.backtracking_line_search
-    monkeypatch.setattr(trpo, "backtracking_line_search", spy)
+    real = natural.backtracking_line_search
+    monkeypatch.setattr(natural, "backtracking_line_search", spy)
     stats = trpo.natural_step(policy, flat, cfg)
     with torch.no_grad():
         kl = float(torch.distributions.kl_divergence(before, _dist(policy, flat["obs"]))[flat["mask"]].mean())
@@ -95,7 +96,7 @@ def test_a_rejected_step_restores_the_actor(monkeypatch):
         tried.append(evaluate(1.0))  # moves the parameters to the full step, then gives up
         return None
 
-    monkeypatch.setattr(trpo, "backtracking_line_search", reject_all)
+    monkeypatch.setattr(natural, "backtracking_line_search", reject_all)
     stats = trpo.natural_step(policy, flat, cfg)
     assert tried and tried[0][1] > 0, "the full step was really tried"
     assert stats["policy/step_fraction"] == 0.0 and stats["policy/kl"] == 0.0

@@ -92,12 +92,14 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert read_jsonl(a / log) == read_jsonl(b / log)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora_value_head", "two_processes", "dapo_tis"])
+@pytest.mark.parametrize("kind", ["full", "lora_value_head", "two_processes", "dapo_tis", "trpo_remax"])
 def test_sigkill_then_resume_is_the_same_run(tiny_lm_dir, tmp_path, kind):
     flags = {"full": (), "lora_value_head": ("--lora-r", "4", "--estimator", "gae"),
              "two_processes": (),
              # dynamic sampling's extra rounds, the sampler's log-probs and their correction, dual-clip
-             "dapo_tis": ("--loss-type", "dapo", "--sampler-correction", "tis", "--clip-ratio-c", "3")}[kind]
+             "dapo_tis": ("--loss-type", "dapo", "--sampler-correction", "tis", "--clip-ratio-c", "3"),
+             # TRPO's natural step, and ReMax's greedy row decoded in every step's sampling loop
+             "trpo_remax": ("--update", "trpo", "--baseline", "remax")}[kind]
     processes = 2 if kind == "two_processes" else 1
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run(command(tiny_lm_dir, whole, *flags, processes=processes))

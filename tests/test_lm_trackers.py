@@ -65,7 +65,8 @@ def test_every_logged_metric_is_in_the_documented_table(tiny_lm_dir, tmp_path):
     for i, kw in enumerate([dict(estimator="gae", kl_coef=0.1, eval_samples=2),
                             dict(kl_coef=0.1, kl_target=1.0, entropy_coef=0.01),
                             dict(baseline="group_mean", dynamic_sampling=True, sampler_correction="tis",
-                                 clip_low=0.2, clip_ratio_c=3.0)]):
+                                 clip_low=0.2, clip_ratio_c=3.0),
+                            dict(baseline="remax"), dict(update="trpo", estimator="gae")]):
         out = tmp_path / str(i)
         summary = make_trainer(tiny_lm_dir, out, max_steps=1, save_model=False, eval_dataset=prompt_dataset(["ab"]),
                                **kw).train()

@@ -36,12 +36,12 @@ def test_lm_variance_of_every_estimator_from_the_same_samples(tiny_lm_dir, tmp_p
     """Exact identities on the same batches: leave-one-out = G/(G-1) x group mean (per batch, so
     the variance scales by (G/(G-1))² and the SNR is equal); the value baseline of a fresh (zero)
     value head is no baseline; the reference's cosine is there; the files are written."""
-    from pg_lm.lm.variance import ESTIMATORS, VarianceConfig, run_variance
+    from pg_lm.lm.variance import DEFAULT_ESTIMATORS, VarianceConfig, run_variance
 
     cfg = VarianceConfig(model=tiny_lm_dir, **TINY, batches=3, reference_batches=2, output_dir=str(tmp_path / "var"))
     result, table = run_variance(cfg, reward_fns=[varied_reward], train_dataset=prompt_dataset())
     res, G = result["results"], 4
-    assert list(res) == list(ESTIMATORS) and len(table.splitlines()) == 2 + len(ESTIMATORS)
+    assert list(res) == DEFAULT_ESTIMATORS and len(table.splitlines()) == 2 + len(DEFAULT_ESTIMATORS)
     assert all(r["variance"] > 0 and r["mean_norm"] > 0 and -1 <= r["cosine"] <= 1 for r in res.values())
     assert res["loo"]["variance"] == pytest.approx((G / (G - 1)) ** 2 * res["group_mean"]["variance"], rel=1e-6)
     assert res["loo"]["snr"] == pytest.approx(res["group_mean"]["snr"], rel=1e-6)
@@ -50,6 +50,21 @@ def test_lm_variance_of_every_estimator_from_the_same_samples(tiny_lm_dir, tmp_p
     saved = json.loads((tmp_path / "var" / "variance.json").read_text())
     assert saved["backend"] == "lm" and saved["batches"] == 3 and saved["trainable_params"] > 0
     assert (tmp_path / "var" / "variance.png").exists()
+
+
+def test_remax_is_measured_on_a_rollout_with_greedy_rows(tiny_lm_dir, tmp_path):
+    """ReMax's baseline is the greedy completion's reward: a rollout of its own, shared with the
+    estimators that need nothing more; with a value head it is refused."""
+    from pg_lm.lm.variance import VarianceConfig, run_variance
+
+    cfg = VarianceConfig(model=tiny_lm_dir, **TINY, batches=3, reference_batches=0, estimators=["remax", "none"],
+                         output_dir=str(tmp_path / "var"))
+    res = run_variance(cfg, reward_fns=[varied_reward], train_dataset=prompt_dataset())[0]["results"]
+    assert res["remax"]["variance"] > 0 and res["remax"]["variance"] != pytest.approx(res["none"]["variance"], rel=1e-3)
+    with pytest.raises(ValueError, match="need different rollouts"):
+        bad = VarianceConfig(model=tiny_lm_dir, **TINY, batches=2, reference_batches=0, estimators=["remax", "gae"],
+                             output_dir=str(tmp_path / "bad"))
+        run_variance(bad, reward_fns=[varied_reward], train_dataset=prompt_dataset())
 
 
 def test_one_rollout_serves_every_estimator_unless_their_rollouts_differ(monkeypatch):

@@ -8,6 +8,7 @@ from .advantages import (
     group_std,
     last_step_mask,
     leave_one_out_baseline,
+    remax_baseline,
     zero_spread_groups,
 )
 from .correction import SAMPLER_CORRECTIONS, sampler_is_weights, sampler_log_ratio
@@ -26,12 +27,14 @@ from .losses import (
 from .metrics import pass_at_k
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .natural import (
+    assign_flat,
     backtracking_line_search,
     categorical_kl,
     conjugate_gradient,
     fisher_vector_product,
     flat_grad,
     gaussian_kl,
+    natural_gradient_step,
     step_scale,
 )
 from .variance import gradient_moments, gradient_summary, welford_update
@@ -40,11 +43,11 @@ __all__ = [
     "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "batch_mean_baseline",
     "clip_fractions", "discounted_returns", "entropy_from_logits", "gae", "group_mean_baseline", "group_std",
     "kl_estimate", "last_step_mask", "leave_one_out_baseline", "log_ratio", "masked_mean", "masked_sum",
-    "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "sampler_is_weights", "sampler_log_ratio", "value_loss",
+    "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "remax_baseline", "sampler_is_weights", "sampler_log_ratio", "value_loss",
     "zero_spread_groups",
     # the natural-gradient (TRPO) step
-    "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product", "flat_grad",
-    "gaussian_kl", "step_scale",
+    "assign_flat", "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product",
+    "flat_grad", "gaussian_kl", "natural_gradient_step", "step_scale",
     # gradient-estimator moments (pg-lm variance)
     "gradient_moments", "gradient_summary", "welford_update",
 ]

@@ -192,6 +192,23 @@ def leave_one_out_baseline(scores: Tensor, group_size: int) -> Tensor:
     return (shift + (d.sum(1, keepdim=True) - d) / (group_size - 1)).reshape(-1)
 
 
+def remax_baseline(scores: Tensor, greedy_scores: Tensor, group_size: int) -> Tensor:
+    """ReMax (Li et al. 2023, "ReMax: a simple, effective, and efficient reinforcement learning
+    method for aligning large language models", Algorithm 1): the baseline of each sampled
+    completion is the reward of the greedy (argmax-decoded) completion of the same prompt,
+    ``b_i = r(x, ŷ_greedy(x))``. It depends on the prompt only, not on the sample, so the
+    gradient stays unbiased; it needs no value head and works with G = 1 (the paper's setting).
+
+    ``scores`` (B,) the sampled completions' scores (G consecutive per prompt), ``greedy_scores``
+    (B / G,) one per prompt, in the same prompt order -> (B,).
+    """
+    _groups(scores, group_size)
+    if greedy_scores.shape != (scores.numel() // group_size,):
+        raise ValueError(f"greedy_scores has shape {tuple(greedy_scores.shape)}, expected "
+                         f"({scores.numel() // group_size},) (B / G, one per prompt)")
+    return greedy_scores.to(scores.dtype).repeat_interleave(group_size)  # (B,)
+
+
 def zero_spread_groups(scores: Tensor, group_size: int) -> Tensor:
     """DAPO (Yu et al. 2025, "DAPO: an open-source LLM RL system at scale", eq. 11, dynamic sampling):
     which groups' G scores all agree (max == min). Under a group baseline their advantages are all 0,

@@ -134,6 +134,69 @@ def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], m
     return None
 
 
+@torch.no_grad()
+def assign_flat(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Write the flat vector (P,) into ``params`` in place (an optimizer's state stays attached)."""
+    i = 0
+    for p in params:
+        p.copy_(flat[i:i + p.numel()].view_as(p))
+        i += p.numel()
+
+
+def natural_gradient_step(before: Tensor, surrogate: Callable[[], Tensor], mean_kl: Callable[[], Tensor],
+                          params: Sequence[Tensor], max_kl: float, cg_iters: int = 10, damping: float = 0.1,
+                          line_search_steps: int = 10, backtrack_ratio: float = 0.8,
+                          reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    """TRPO's whole step on ``params`` (the module docstring's four lines), moving them in place.
+
+    ``before``: the surrogate L at θ_old with its graph (its gradient is g); ``surrogate()`` and
+    ``mean_kl()`` evaluate L and the mean KL(π_old || π_θ) at the current parameters (the KL
+    differentiably: its Hessian gives the Fisher-vector products). Returns ``policy/kl`` (the
+    measured mean KL after the step), ``policy/surrogate_gain``, ``policy/step_fraction`` (0 =
+    rejected: θ stays θ_old) and ``policy/grad_norm`` (‖g‖; non-finite g: no step). A zero g (e.g.
+    every advantage 0) leaves θ where it is.
+
+    ``reduce`` (several processes, each holding a share of the batch and a replica of θ): a sum over
+    processes that gives every process the same result. ``before``, ``surrogate()`` and
+    ``mean_kl()`` are then this process's share (normalised by the global counts), and g, each
+    Fisher-vector product (before the damping), L and the KL are summed: every process solves the
+    same system and takes the same step.
+    """
+    params = list(params)
+    total = reduce or (lambda t: t)
+    g = total(flat_grad(before, params))  # (P,)
+    stats = {"policy/kl": 0.0, "policy/surrogate_gain": 0.0, "policy/step_fraction": 0.0,
+             "policy/grad_norm": float(g.norm())}
+    if not math.isfinite(stats["policy/grad_norm"]) or stats["policy/grad_norm"] == 0.0:
+        return stats
+    local = fisher_vector_product(mean_kl, params)  # this process's share of F v, undamped
+
+    def fvp(v: Tensor) -> Tensor:
+        return total(local(v)) + damping * v  # (P,)
+
+    x = conjugate_gradient(fvp, g, cg_iters)  # (P,) ≈ (F + λI)⁻¹ g
+    fx = fvp(x)
+    if not float(x @ fx) > 0:  # no direction to step in
+        return stats
+    full = step_scale(x, fx, max_kl) * x  # (P,)
+    theta_old = torch.cat([p.detach().reshape(-1) for p in params])  # (P,)
+    base, last = float(total(before.detach())), {}
+
+    @torch.no_grad()
+    def evaluate(fraction: float) -> tuple[float, float]:
+        assign_flat(params, theta_old + fraction * full)
+        value, kl = total(torch.stack([surrogate().detach(), mean_kl().detach()])).tolist()  # one reduction
+        last.update({"policy/surrogate_gain": value - base, "policy/kl": kl})
+        return last["policy/surrogate_gain"], last["policy/kl"]
+
+    fraction = backtracking_line_search(evaluate, max_kl, line_search_steps, backtrack_ratio)
+    if fraction is None:
+        assign_flat(params, theta_old)
+        return stats
+    # the search returns at the accepted point, so the parameters and `last` are that point's
+    return dict(stats, **last, **{"policy/step_fraction": fraction})
+
+
 def categorical_kl(old_logits: Tensor, logits: Tensor) -> Tensor:
     """``KL(p_old || p) = Σ_a p_old(a) (log p_old(a) - log p(a))`` per state.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pg_lm.run.config import arg
+from pg_lm.run.config import arg, check_trpo
 
 ALGO_NAMES = ("reinforce", "reinforce-baseline", "a2c", "ppo", "trpo")
 VECTOR_MODES = ("auto", "vector_entry_point", "sync")
@@ -150,14 +150,7 @@ class GymConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        for name in ("max_kl", "cg_iters", "line_search_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.cg_damping is not None and self.cg_damping < 0:
-            raise ValueError(f"cg_damping must be >= 0, got {self.cg_damping}")
-        if self.backtrack_ratio is not None and not 0.0 < self.backtrack_ratio < 1.0:
-            raise ValueError(f"backtrack_ratio must be in (0, 1), got {self.backtrack_ratio}")
+        check_trpo(self)
         if self.hidden is not None and (not self.hidden or min(self.hidden) <= 0):
             raise ValueError(f"hidden must be a non-empty list of positive widths, got {self.hidden}")
         sizes = (self.num_envs, self.n_steps, self.minibatches)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pg_lm.core import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad,
-                        masked_mean, masked_whiten, step_scale)
+from pg_lm.core import masked_mean, masked_whiten, natural_gradient_step
 
 from .config import GymConfig
 from .policy import ActorCritic
@@ -32,15 +31,6 @@ from .policy import ActorCritic
 def actor_params(policy: ActorCritic) -> list[Tensor]:
     """The parameters TRPO moves: the actor MLP's and the action head's (a Gaussian's log-std)."""
     return [*policy.actor.parameters(), *policy.head.parameters()]
-
-
-@torch.no_grad()
-def _assign(params: list[Tensor], flat: Tensor) -> None:
-    """Write the flat vector (P,) into ``params`` in place (optimizer state stays attached)."""
-    i = 0
-    for p in params:
-        p.copy_(flat[i:i + p.numel()].view_as(p))
-        i += p.numel()
 
 
 def natural_step(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig) -> dict[str, float]:
@@ -65,27 +55,7 @@ def natural_step(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig) -> 
         return masked_mean(policy.head.kl(old, policy.actor(obs)), mask)
 
     before, entropy = surrogate()
-    g = flat_grad(before, params)  # (P,)
-    fvp = fisher_vector_product(mean_kl, params, cfg.cg_damping)
-    x = conjugate_gradient(fvp, g, cfg.cg_iters)  # (P,) ≈ (F + λI)⁻¹ g
-    stats = {"loss/policy": -float(before.detach()), "policy/entropy": float(entropy.detach()), "policy/kl": 0.0,
-             "policy/surrogate_gain": 0.0, "policy/step_fraction": 0.0}
-    fx = fvp(x)
-    if not float(x @ fx) > 0:  # g = 0 (e.g. all advantages zero): no direction to step in
-        return stats
-    full = step_scale(x, fx, cfg.max_kl) * x  # (P,)
-    theta_old = torch.cat([p.detach().reshape(-1) for p in params])  # (P,)
-    base, last = float(before.detach()), {}
-
-    @torch.no_grad()
-    def evaluate(fraction: float) -> tuple[float, float]:
-        _assign(params, theta_old + fraction * full)
-        last.update({"policy/surrogate_gain": float(surrogate()[0]) - base, "policy/kl": float(mean_kl())})
-        return last["policy/surrogate_gain"], last["policy/kl"]
-
-    fraction = backtracking_line_search(evaluate, cfg.max_kl, cfg.line_search_steps, cfg.backtrack_ratio)
-    if fraction is None:
-        _assign(params, theta_old)
-        return stats
-    # the search returns at the accepted point, so the parameters and `last` are that point's
-    return dict(stats, **last, **{"policy/step_fraction": fraction})
+    stats = natural_gradient_step(before, lambda: surrogate()[0], mean_kl, params, cfg.max_kl, cfg.cg_iters,
+                                  cfg.cg_damping, cfg.line_search_steps, cfg.backtrack_ratio)
+    return {"loss/policy": -float(before.detach()), "policy/entropy": float(entropy.detach()),
+            **{k: v for k, v in stats.items() if k != "policy/grad_norm"}}

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pg_lm.core import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, SAMPLER_CORRECTIONS
-from pg_lm.run.config import arg
+from pg_lm.run.config import arg, check_trpo
 
 from .presets import PRESETS, apply_preset, record_explicit
 
 ESTIMATORS = ("reinforce", "gae")
-BASELINES = ("none", "value", "batch_mean", "group_mean", "loo")
+UPDATES = ("gradient", "trpo")
+BASELINES = ("none", "value", "batch_mean", "group_mean", "loo", "remax")
 
 
 TASK_NAMES = ("arithmetic", "countdown", "tagged", "counting")  # pg_lm.tasks.TASKS (a test keeps them equal)
@@ -110,7 +111,8 @@ class LMConfig(PromptConfig):
                                 "(printed and saved in config.json); a flag given with it overrides a tunable value, "
                                 "and one contradicting what defines the preset is an error", tuple(PRESETS))
     estimator: str = arg("reinforce", "advantage estimator: token-level REINFORCE or GAE with a value head", ESTIMATORS)
-    baseline: str = arg("loo", "REINFORCE baseline (value = learned value head); ignored by gae, whose critic is the value head", BASELINES)
+    baseline: str = arg("loo", "REINFORCE baseline (value = learned value head; remax = the reward of one more, greedy, "
+                        "completion per prompt, not trained on); ignored by gae, whose critic is the value head", BASELINES)
     scale_rewards: bool = arg(False, "divide advantages by the group's reward std (GRPO); needs baseline group_mean")
     whiten_advantages: bool = arg(False, "whiten advantages over the global batch, every process's tokens "
                                   "(mean 0, std 1; REINFORCE++)")
@@ -139,6 +141,14 @@ class LMConfig(PromptConfig):
                                   SAMPLER_CORRECTIONS)
     sampler_is_cap: float = arg(2.0, "the cap C of --sampler-correction (>= 1)")
     sampler_is_level: str = arg("token", "ρ per token, or per sequence (the product over its tokens)", ("token", "sequence"))
+    # the update (docs/trpo.md)
+    update: str = arg("gradient", "how the policy moves on each rollout: AdamW steps on the loss, or TRPO's "
+                      "constrained natural-gradient step (the critic, if any, still by AdamW)", UPDATES)
+    max_kl: float = arg(0.01, "TRPO: bound δ on the mean KL(π_old || π) per completion token of one update")
+    cg_iters: int = arg(10, "TRPO: conjugate-gradient iterations for F x = g")
+    cg_damping: float = arg(0.1, "TRPO: damping λ added to the Fisher matrix (F + λI)")
+    line_search_steps: int = arg(10, "TRPO: backtracking steps before the update is rejected")
+    backtrack_ratio: float = arg(0.8, "TRPO: factor by which the line search shrinks the step")
     # regularisation
     kl_coef: float = arg(0.0, "KL-to-reference coefficient β (0 = no reference model)")
     kl_estimator: str = arg("k3", "KL estimator (k1 only in the reward)", KL_ESTIMATORS)
@@ -209,6 +219,8 @@ class LMConfig(PromptConfig):
             raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.baseline in ("group_mean", "loo") and self.estimator == "reinforce" and self.samples_per_prompt < 2:
             raise ValueError(f"--baseline {self.baseline} needs --samples-per-prompt >= 2")
+        if self.baseline == "remax" and self.estimator != "reinforce":
+            raise ValueError(f"--baseline remax needs --estimator reinforce (--estimator {self.estimator} has its own critic)")
         if self.scale_rewards and (self.baseline != "group_mean" or self.estimator != "reinforce"):
             raise ValueError("--scale-rewards needs --estimator reinforce --baseline group_mean")
         if self.kl_estimator == "k1" and self.kl_in == "loss" and self.kl_coef > 0:
@@ -237,6 +249,15 @@ class LMConfig(PromptConfig):
             raise ValueError("--dynamic-sampling needs --samples-per-prompt >= 2 (a group of one has no reward spread)")
         if self.max_sampling_rounds < 0:
             raise ValueError(f"--max-sampling-rounds must be >= 0, got {self.max_sampling_rounds}")
+        check_trpo(self, flag=lambda name: "--" + name.replace("_", "-"))
+        if self.update == "trpo":  # one natural step on the whole rollout: the settings of AdamW's loop do not apply
+            given = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n, off in
+                     (("ppo_epochs", 1), ("num_minibatches", 1), ("micro_batch_size", None), ("clip_low", None),
+                      ("clip_ratio_c", None), ("ratio_level", "token"), ("sampler_correction", "none"))
+                     if getattr(self, n) != off]
+            if given:
+                raise ValueError(f"--update trpo takes one natural-gradient step on the whole rollout: {given[0]} "
+                                 "does not apply (see docs/trpo.md)")
         if not self.sampler_is_cap >= 1.0:
             raise ValueError(f"--sampler-is-cap must be >= 1 (agreeing paths then get weight 1), got {self.sampler_is_cap}")
 

@@ -17,6 +17,7 @@ from pg_lm.core import (
     group_std,
     kl_estimate,
     leave_one_out_baseline,
+    remax_baseline,
 )
 
 
@@ -46,12 +47,15 @@ def advantages(
     lam: float,
     scale_rewards: bool = False,
     eps: float = 1e-4,
+    greedy_scores: Tensor | None = None,  # (B / G,) ReMax: each prompt's greedy completion's reward
 ) -> tuple[Tensor, Tensor | None]:
     """-> (advantages (B, T), value targets (B, T) or None when there is no value head).
 
     Sequence-level baselines (batch / group mean, leave-one-out) are computed from the
     return of the whole completion ``G_0`` and subtracted from every token's
-    return-to-go; with γ = 1 and no per-token rewards that is exactly GRPO/RLOO.
+    return-to-go; with γ = 1 and no per-token rewards that is exactly GRPO/RLOO. ``remax``
+    (Li et al. 2023): the task reward of the prompt's greedy completion (``greedy_scores``, no
+    KL term: any baseline that depends on the prompt alone leaves the gradient unbiased).
     """
     if estimator == "gae":
         if values is None:
@@ -71,6 +75,10 @@ def advantages(
         b = group_mean_baseline(g0, group_size)
     elif baseline == "loo":
         b = leave_one_out_baseline(g0, group_size)
+    elif baseline == "remax":
+        if greedy_scores is None:
+            raise ValueError("baseline 'remax' needs the greedy completions' scores")
+        b = remax_baseline(g0, greedy_scores, group_size)
     else:
         raise ValueError(f"unknown baseline {baseline!r}")
     adv = (returns - b[:, None]) * mask  # (B, T)

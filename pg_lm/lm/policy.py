@@ -46,6 +46,20 @@ class Policy(nn.Module):
         With ``group_size`` G > 1 each prompt is run once and its KV cache (with its
         gradient) is shared by its G completions: the same numbers as G = 1 for less work.
         """
+        logits, hidden = self.completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+        logp, entropy = token_logprobs_entropy(logits, completion_ids, temperature, with_entropy)  # (B, T), fp32
+        values = None
+        if hidden is not None:
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
+        if with_entropy and not entropy_grad:  # a diagnostic unless it is in the loss
+            entropy = entropy.detach()
+        return logp, values, entropy
+
+    def completion_logits(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                          completion_mask: Tensor, group_size: int = 1) -> tuple[Tensor, Tensor | None]:
+        """(the logits predicting each completion token (B, T, V), the last hidden state there (B, T, H)
+        when there is a value head, else None): :meth:`forward`'s first half, for a caller that needs
+        the whole distributions (TRPO's KL)."""
         T = completion_ids.shape[1]
         want_h = self.value_head is not None
         if group_size == 1 or prompt_ids.shape[1] < 2:  # (a one-token prompt leaves nothing to cache)
@@ -55,16 +69,8 @@ class Policy(nn.Module):
                           output_hidden_states=want_h, use_cache=False)
             logits = out.logits[:, -T - 1 : -1]  # (B, T, V): position p predicts token p + 1
             hidden = out.hidden_states[-1][:, -T - 1 : -1] if want_h else None  # (B, T, H)
-        else:
-            logits, hidden = self._shared_prompt_forward(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                                         group_size, want_h)
-        logp, entropy = token_logprobs_entropy(logits, completion_ids, temperature, with_entropy)  # (B, T), fp32
-        values = None
-        if want_h:
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, T)
-        if with_entropy and not entropy_grad:  # a diagnostic unless it is in the loss
-            entropy = entropy.detach()
-        return logp, values, entropy
+            return logits, hidden
+        return self._shared_prompt_forward(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, want_h)
 
     def _shared_prompt_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, G, want_h):
         """Prompt once per group (N = B / G rows), KV cache repeated G times, then completions.

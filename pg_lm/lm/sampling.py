@@ -36,6 +36,7 @@ class Rollout:
     values: Tensor | None = None  # (B, T) V(s_t) before token t
     rewards: Tensor | None = None  # (B, T) per-token reward (task reward on the last token, - KL)
     scores: Tensor | None = None  # (B,) total task reward of each completion
+    greedy_scores: Tensor | None = None  # (B,) ReMax: the total task reward of the row's prompt's greedy completion
     group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
 
     @property
@@ -190,10 +191,14 @@ def eos_token_ids(tokenizer, lm) -> list[int]:
     return ids
 
 
-def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k: int) -> Tensor:
-    """Next token per row from (B, V) logits: argmax, or a sample after temperature / top-k / top-p."""
+def _pick(logits: Tensor, greedy: bool, temperature: float, top_p: float, top_k: int,
+          argmax_rows: Tensor | None = None) -> Tensor:
+    """Next token per row from (B, V) logits: argmax, or a sample after temperature / top-k / top-p;
+    ``argmax_rows`` (B,) bool: those rows take the argmax instead of their sample."""
     if greedy:
         return logits.argmax(-1)
+    if argmax_rows is not None:
+        return torch.where(argmax_rows, logits.argmax(-1), _pick(logits, False, temperature, top_p, top_k))
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, -1).values[:, -1:]  # (B, 1)
@@ -218,7 +223,8 @@ def draw(probs: Tensor) -> Tensor:
 @torch.no_grad()
 def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False, logprobs: bool = False):
+             top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False, logprobs: bool = False,
+             greedy_extra: bool = False):
     """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids
     (with ``logprobs``: and the (N * G, T) fp32 log-prob of each drawn token under the sampler's
     logits, ``log softmax(logits / temperature)`` before top-k / top-p, as the learner computes it).
@@ -228,11 +234,17 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     model's own attention, SDPA / flash attention on a GPU). Rows that have emitted EOS are filled
     with ``pad_id``; decoding stops when every row has. ``cpu_layer``: on a CPU, each linear layer
     runs the faster of two GEMMs (``cpu.decode_gemm``) and a Llama decodes in fewer ops with a
-    preallocated cache (``cpu.decode_llama``); the same tokens.
+    preallocated cache (``cpu.decode_llama``); the same tokens. ``greedy_extra`` (ReMax): each
+    prompt gets one more row after its ``num_samples`` sampled ones, decoded greedily in the same
+    loop (N * (G + 1) rows; its draw is made and discarded, so the random stream is a function of
+    the step alone).
     """
     from .policy import kv_cache, positions
 
-    rows = prompt_ids.shape[0] * num_samples
+    per = num_samples + int(greedy_extra)  # rows per prompt
+    num_samples = per
+    rows = prompt_ids.shape[0] * per
+    argmax_rows = (torch.arange(rows, device=prompt_ids.device) % per == per - 1) if greedy_extra else None  # (B,)
     fast, decode_gemms, projections, fused = False, None, None, []
     if cpu_layer:
         from .cpu.decode_gemm import decode_gemms
@@ -254,7 +266,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
         decoder = LlamaDecoder(lm, cache, am, max_new_tokens, projections) if fast else None
         tokens, logps = [], []
         for t in range(max_new_tokens):
-            tok = _pick(logits, greedy, temperature, top_p, top_k).masked_fill(done, pad_id)  # (B,)
+            tok = _pick(logits, greedy, temperature, top_p, top_k, argmax_rows).masked_fill(done, pad_id)  # (B,)
             tokens.append(tok)
             if logprobs:
                 lsm = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
@@ -293,18 +305,22 @@ def sample(
     truncate_prompts: bool = False,
     system_prompt: str | None = None,
     logprobs: bool = False,
+    greedy_extra: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` completions per prompt. ``lm`` is the unwrapped causal LM with its
     full weights; ``cpu_layer``: decode with pg_lm/lm/cpu (:func:`generate`); ``truncate_prompts``:
     a prompt over ``max_prompt_length`` keeps its last tokens (else it is an error); prompts and
     ``system_prompt`` as :func:`format_prompts` reads them; ``logprobs``: record the sampler's
-    log-probs (``Rollout.sampler_logp``)."""
+    log-probs (``Rollout.sampler_logp``); ``greedy_extra`` (ReMax): one more completion per prompt,
+    decoded greedily, after its ``num_samples`` sampled ones (groups of G + 1 rows, the greedy one
+    last; :func:`split_greedy` separates them)."""
     device = next(lm.parameters()).device
     ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length, truncate_prompts, system_prompt)
     ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)
     out = generate(lm, ids, am, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, greedy,
-                   temperature, top_p, top_k, cpu_layer, logprobs)
+                   temperature, top_p, top_k, cpu_layer, logprobs, greedy_extra)
+    num_samples += int(greedy_extra)  # rows per prompt
     comp, lp = out if logprobs else (out, None)  # (B, T), (B, T) or None
     mask, truncated = completion_mask_from_ids(comp, eos)
     T = max(int(mask.sum(1).max()), 1)  # trim columns that are padding in every row
@@ -319,3 +335,21 @@ def sample(
         prompts=rep(prompts), completions=texts, columns={k: rep(v) for k, v in columns.items()},
         sampler_logp=lp, group_size=num_samples,
     )
+
+
+def split_greedy(batch: Rollout, num_samples: int) -> tuple[Rollout, Rollout]:
+    """(the sampled rows, groups of ``num_samples``; the greedy rows, one per prompt) of a rollout
+    sampled with ``greedy_extra`` (groups of ``num_samples`` + 1 rows, the greedy one last)."""
+    per = num_samples + 1
+    rows = torch.arange(len(batch.completions), device=batch.completion_ids.device)
+    greedy = rows % per == per - 1  # (N (G + 1),)
+    return _trim(batch.select(rows[~greedy], group_size=num_samples)), _trim(batch.select(rows[greedy]))
+
+
+def _trim(batch: Rollout) -> Rollout:
+    """``batch`` without the completion columns that are padding in every row."""
+    T = max(int(batch.completion_mask.sum(1).max()), 1)
+    for name, val in batch.__dict__.items():
+        if isinstance(val, Tensor) and val.dim() == 2 and not name.startswith("prompt"):
+            setattr(batch, name, val[:, :T])
+    return batch

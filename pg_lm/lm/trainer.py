@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -34,14 +35,14 @@ from pg_lm.core import (
 )
 from pg_lm.run.signals import Interrupted, stop_on_signals
 
-from . import credit, estimate
+from . import credit, estimate, trpo
 from .checkpoint import save_checkpoint
 from .config import LMConfig
 from .data import check_dataset
 from .evaluate import evaluate, truncation_warning
 from .peers import PeerWatch
 from .rewards import RewardModel, RewardSet
-from .sampling import Rollout, concat_rollouts, fit_prompts, sample
+from .sampling import Rollout, concat_rollouts, fit_prompts, sample, split_greedy
 
 
 # the quantities checked for NaN / inf each step, in the order they are computed
@@ -120,6 +121,12 @@ class Trainer:
         self.bad_in_row = 0  # updates skipped in a row for a non-finite value (--max-bad-steps)
         self._bad = None  # the first non-finite quantity of the optimizer step under way (this process)
         build(self)  # accelerator, policy, reference, optimizer, writer (see setup.py)
+        sharded = str(self.acc.distributed_type).split(".")[-1]
+        if cfg.update == "trpo" and sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ValueError(f"--update trpo needs every process to hold the whole weights (DDP or one process); "
+                             f"this launch shards them ({sharded})")
+        if cfg.update == "trpo":  # without a value head AdamW never steps; the schedule still counts the steps
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
         for fn in self.rewards.fns:  # a reward model scores its batches on the accelerator
             if isinstance(fn, RewardModel):
                 fn.model.to(self.acc.device)
@@ -213,7 +220,7 @@ class Trainer:
                            cfg.temperature, cfg.top_p, cfg.top_k, chat_template=cfg.chat_template,
                            max_prompt_length=cfg.max_prompt_length, cpu_layer=self.cpu_layer,
                            truncate_prompts=cfg.long_prompts == "truncate-left", system_prompt=cfg.system_prompt,
-                           logprobs=True)
+                           logprobs=True, greedy_extra=cfg.baseline == "remax")
         mask = batch.completion_mask
         per_fn, dense = self.rewards.score(batch.prompts, batch.completions, batch.columns, batch.lengths.tolist(),
                                            batch.completion_ids, self.tok)
@@ -222,6 +229,11 @@ class Trainer:
             last = (batch.lengths - 1).clamp(min=0)
             dense[batch.truncated, last[batch.truncated]] += cfg.overlong_penalty
         batch.rewards, batch.scores = dense, dense.sum(1)  # (B, T), (B,)
+        if cfg.baseline == "remax":  # scored like the samples (same functions, penalty), then set apart: not trained on
+            per = cfg.samples_per_prompt + 1
+            per_fn = {k: v.view(-1, per)[:, :-1].reshape(-1) for k, v in per_fn.items()}
+            batch, greedy = split_greedy(batch, cfg.samples_per_prompt)
+            batch.greedy_scores = greedy.scores.repeat_interleave(cfg.samples_per_prompt)  # (B,)
         return batch, per_fn
 
     def _informative(self, first: Rollout, zero: Tensor, lm, context) -> tuple[Rollout, dict]:
@@ -272,6 +284,8 @@ class Trainer:
                  **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
                  "completion/length": lengths.mean(), "completion/length_max": lengths.max(),
                  "completion/truncated_frac": batch.truncated.float().mean()}
+        if batch.greedy_scores is not None:  # ReMax's baseline: the greedy completions' mean reward
+            stats["reward/greedy"] = batch.greedy_scores.mean()
         if cfg.samples_per_prompt > 1:
             zero = zero_spread_groups(batch.scores, cfg.samples_per_prompt)  # (groups,)
             stats["reward/zero_spread_frac"] = zero.float().mean()
@@ -380,6 +394,8 @@ class Trainer:
         count them, so the update is the one the full batch would give.
         """
         cfg, acc = self.cfg, self.acc
+        if cfg.update == "trpo":  # one constrained natural-gradient step instead (docs/trpo.md)
+            return trpo.update(self, batch, adv, returns)
         B = adv.shape[0]
         mb_rows = B // cfg.num_minibatches
         micro = cfg.micro_batch_size or mb_rows
@@ -482,8 +498,10 @@ class Trainer:
         estimator = cfg.estimator if estimator is None else estimator
         baseline = cfg.baseline if baseline is None else baseline
         scale_rewards = cfg.scale_rewards if scale_rewards is None else scale_rewards
+        greedy = batch.greedy_scores[::cfg.samples_per_prompt] if batch.greedy_scores is not None else None  # (B / G,)
         adv, returns = estimate.advantages(estimator, baseline, batch.rewards, batch.completion_mask,
-                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, scale_rewards)
+                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, scale_rewards,
+                                           greedy_scores=greedy)
         if cfg.whiten_advantages:  # over the global batch: every process's tokens (REINFORCE++)
             reduce = None
             if self.acc.num_processes > 1:  # op "sum" / "max" over every process's value

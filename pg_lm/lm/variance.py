@@ -55,7 +55,11 @@ ESTIMATORS: dict[str, Estimator] = {
     "loo": Estimator("reinforce", "loo"),
     "value": Estimator("reinforce", "value"),
     "gae": Estimator("gae", "value"),
+    # ReMax's rollout holds a greedy completion per prompt and no value head: measured in a run of its own
+    "remax": Estimator("reinforce", "remax", rollout_baseline="remax"),
 }
+# what an empty --estimators measures: every estimator one rollout can serve
+DEFAULT_ESTIMATORS = [n for n, e in ESTIMATORS.items() if e.rollout_baseline is None]
 
 
 @record_explicit
@@ -65,7 +69,8 @@ class VarianceConfig(LMConfig):
     a run trained): K batches, every estimator's gradient from the same samples (docs/variance.md)."""
 
     batches: int = arg(16, "K: independent batches drawn at the fixed policy (>= 2)")
-    estimators: list[str] = arg([], "estimators to compare (empty = all)", tuple(ESTIMATORS))
+    estimators: list[str] = arg([], "estimators to compare (empty = all but remax, which needs a rollout of its own: "
+                                "--estimators remax none loo ...)", tuple(ESTIMATORS))
     reference: str = arg("loo", "estimator of the large-batch reference gradient", tuple(ESTIMATORS))
     reference_batches: int = arg(16, "further batches averaged into the reference gradient (0 = no cosine)")
     adapter: str | None = arg(None, "a LoRA adapter merged into --model first: RUN_DIR/checkpoint-last, or the run folder")
@@ -81,14 +86,14 @@ class VarianceConfig(LMConfig):
             raise ValueError(f"--batches must be >= 2 (a variance needs two estimates), got {self.batches}")
         if self.reference_batches < 0:
             raise ValueError(f"--reference-batches must be >= 0, got {self.reference_batches}")
-        used = {*(self.estimators or ESTIMATORS), *([self.reference] if self.reference_batches else [])}
+        used = {*self.names, *([self.reference] if self.reference_batches else [])}
         if self.samples_per_prompt < 2 and {"group_mean", "group_mean_std", "loo"} & used:
             raise ValueError("the group baselines (group_mean, group_mean_std, loo; also as --reference) need "
                              "--samples-per-prompt >= 2")
 
     @property
     def names(self) -> list[str]:
-        return list(dict.fromkeys(self.estimators or ESTIMATORS))
+        return list(dict.fromkeys(self.estimators or DEFAULT_ESTIMATORS))
 
 
 def policy_params(trainer) -> list[Tensor]:

@@ -27,6 +27,22 @@ def arg(default: Any, help: str, choices: tuple | None = None) -> Any:
     return dataclasses.field(default=default, metadata=meta)
 
 
+TRPO_FIELDS = ("max_kl", "cg_iters", "cg_damping", "line_search_steps", "backtrack_ratio")
+
+
+def check_trpo(cfg: Any, flag=lambda name: name) -> None:
+    """TRPO's step settings (:data:`TRPO_FIELDS`), the same rules in both backends; a ``None`` (a
+    default still to resolve) passes. ``flag(name)``: how the error names the field."""
+    for name in ("max_kl", "cg_iters", "line_search_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag(name)} must be > 0, got {value}")
+    if cfg.cg_damping is not None and cfg.cg_damping < 0:
+        raise ValueError(f"{flag('cg_damping')} must be >= 0, got {cfg.cg_damping}")
+    if cfg.backtrack_ratio is not None and not 0.0 < cfg.backtrack_ratio < 1.0:
+        raise ValueError(f"{flag('backtrack_ratio')} must be in (0, 1), got {cfg.backtrack_ratio}")
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(scalar type, is_list) of an annotation like ``float | None`` or ``list[str]``."""
     origin = typing.get_origin(tp)
