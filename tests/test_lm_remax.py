@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_fixtures import PROMPTS, digit_fraction, make_trainer, prompt_dataset, read_jsonl, varied_reward
+from lm_fixtures import PROMPTS, learns_digits, make_trainer, prompt_dataset, varied_reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
 
@@ -69,16 +69,5 @@ def test_remax_needs_reinforce(tiny_lm_dir, tmp_path):
 
 def test_tiny_model_learns_to_write_digits_with_remax(tiny_lm_dir, tmp_path):
     """As tests/test_lm_learning.py's RLOO and GRPO cases, with the greedy completion's reward as the baseline."""
-    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[digit_fraction], eval_dataset=prompt_dataset(["q", "xy", "abc", "z"]),
-                      baseline="remax", max_steps=20, prompts_per_step=4, samples_per_prompt=8, max_new_tokens=4,
-                      eval_max_new_tokens=4, lr=1e-2, samples_every=10, seed=1,
-                      train_dataset=prompt_dataset(PROMPTS))
-    summary = tr.train()
-    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "reward/mean" in r]
-    rewards = [r["reward/mean"] for r in rows]
-    assert len(rewards) == 20
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert first < 0.3  # near chance at the start ...
-    assert last > first + 0.3, rewards  # ... clearly better at the end
-    assert summary["eval/reward_after"] > summary["eval/reward_before"]
+    rows = learns_digits(tiny_lm_dir, tmp_path, baseline="remax", train_dataset=prompt_dataset(PROMPTS))
     assert sum(r["reward/greedy"] for r in rows[-5:]) / 5 > 0.5  # the baseline moved with the policy

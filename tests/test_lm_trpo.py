@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pg_lm.core.natural as natural
-from lm_fixtures import digit_fraction, make_config, make_trainer, prompt_dataset, read_jsonl, snapshot
+from lm_fixtures import learns_digits, make_config, make_trainer, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
 
@@ -120,17 +120,7 @@ def test_bad_trpo_flags_exit_2_with_one_line(tiny_lm_dir, tmp_path, capsys, flag
 
 def test_tiny_model_learns_to_write_digits_with_trpo(tiny_lm_dir, tmp_path):
     """As tests/test_lm_learning.py's RLOO case, each step a natural-gradient step of mean KL <= 0.1."""
-    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[digit_fraction], eval_dataset=prompt_dataset(["q", "xy", "abc", "z"]),
-                      update="trpo", max_kl=0.1, max_steps=20, prompts_per_step=4, samples_per_prompt=8,
-                      max_new_tokens=4, eval_max_new_tokens=4, samples_every=10, seed=1)
-    summary = tr.train()
-    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "reward/mean" in r]
-    rewards = [r["reward/mean"] for r in rows]
-    assert len(rewards) == 20
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert first < 0.3  # near chance at the start ...
-    assert last > first + 0.3, rewards  # ... clearly better at the end
-    assert summary["eval/reward_after"] > summary["eval/reward_before"]
+    rows = learns_digits(tiny_lm_dir, tmp_path, update="trpo", max_kl=0.1)
     assert all(0 < r["policy/kl"] <= 0.1 * (1 + 1e-4) for r in rows)
 
 
