@@ -125,12 +125,16 @@ class Evaluator:
                     train_s=elapsed - self.excluded, eval_s_excluded=self.excluded, evals=self.curve)
 
 
-def run_pg_lm(args, seed: int, output_dir: str) -> dict:
-    """``pg_lm.gym.train`` with a per-update callback that evaluates and stops at the target."""
+def run_pg_lm(args, seed: int, output_dir: str, algo: str | None = None, overrides: dict | None = None,
+              on_eval=None) -> dict:
+    """``pg_lm.gym.train`` with a per-update callback that evaluates and stops at the target.
+
+    ``algo`` (default ``args.pg_lm_algo``) at its per-env defaults, ``overrides`` (GymConfig fields)
+    over them; ``on_eval(policy, steps, mean_return)`` runs after each evaluation."""
     from pg_lm.gym import GymConfig, resolve, train
 
-    cfg = resolve(GymConfig(env=args.env, algo=args.pg_lm_algo, seed=seed, progress=False, threads=args.threads,
-                            output_dir=output_dir))
+    cfg = resolve(GymConfig(**{"algo": algo or args.pg_lm_algo, **(overrides or {}), "env": args.env, "seed": seed,
+                               "progress": False, "threads": args.threads, "output_dir": output_dir}))
     cap = min(cfg.total_steps, args.max_steps or cfg.total_steps)
     ev = Evaluator(args, seed)
 
@@ -143,7 +147,10 @@ def run_pg_lm(args, seed: int, output_dir: str) -> dict:
             def act(obs):
                 return policy.head.to_env(policy.act(policy.normalize(obs), deterministic=True)[0])
 
-            if ev(act, steps, elapsed):
+            hit = ev(act, steps, elapsed)
+            if on_eval is not None:
+                on_eval(policy, steps, ev.curve[-1][2])
+            if hit:
                 return True
         return steps >= cap
 

@@ -69,21 +69,26 @@ class GymVarianceConfig:
         return list(dict.fromkeys(self.estimators or ALGO_NAMES))
 
 
-def method_configs(cfg: GymVarianceConfig, names: list[str]) -> dict[str, GymConfig]:
-    """Each method's resolved training config for ``cfg.env`` (γ, λ, whitening, coefficients)."""
+def method_configs(cfg: GymVarianceConfig, names: list[str], rows: dict[str, dict] | None = None) -> dict[str, GymConfig]:
+    """Each row's resolved training config for ``cfg.env`` (γ, λ, whitening, coefficients): the method
+    ``name`` at its defaults, or ``rows[name]``'s fields over its method's."""
     given = {k: getattr(cfg, k) for k in ("gamma", "gae_lambda", "hidden") if getattr(cfg, k) is not None}
-    return {n: resolve(GymConfig(env=cfg.env, algo=n, seed=cfg.seed, num_envs=cfg.num_envs, n_steps=cfg.n_steps,
-                                 progress=False, **given)) for n in names}
+    rows = rows or {}
+    return {n: resolve(GymConfig(**{"algo": n, **rows.get(n, {}), "env": cfg.env, "seed": cfg.seed,
+                                    "num_envs": cfg.num_envs, "n_steps": cfg.n_steps, "progress": False, **given}))
+            for n in names}
 
 
 def policy_gradients(policy, batch, names: list[str], cfgs: dict[str, GymConfig]) -> dict[str, Tensor]:
-    """{method: the gradient (P,) of its loss on ``batch`` over the actor's parameters}."""
+    """{row: the gradient (P,) of its method's loss on ``batch`` over the actor's parameters};
+    row ``name``'s method and settings are ``cfgs[name]`` (``.algo`` and its hyper-parameters)."""
     from .trpo import actor_params
 
     params = actor_params(policy)
     out = {}
     for name in names:
-        algo, c = ALGOS[name], cfgs[name]
+        c = cfgs[name]
+        algo = ALGOS[c.algo]
         adv, returns = algo.advantage(batch, c.gamma, c.gae_lambda)
         loss, _ = minibatch_loss(policy, flatten(batch, adv, returns), c, algo)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -106,7 +111,7 @@ def _load(cfg: GymVarianceConfig, names: list[str], cfgs: dict[str, GymConfig]):
             raise UsageError(f"--policy {cfg.policy}: no such file (a run's policy.pt, or its folder)")
         with torch.random.fork_rng(devices=[]):  # building it draws a fresh init: the samples stay the seed's
             policy = load_policy(path)
-        need = [n for n in names if ALGOS[n].critic]
+        need = [n for n in names if ALGOS[cfgs[n].algo].critic]
         if policy.critic is None and need:
             envs.close()
             raise UsageError(f"--policy {cfg.policy} has no critic (a plain REINFORCE run): leave out "
@@ -116,14 +121,18 @@ def _load(cfg: GymVarianceConfig, names: list[str], cfgs: dict[str, GymConfig]):
     return envs, policy
 
 
-def run_gym_variance(cfg: GymVarianceConfig, progress=None) -> tuple[dict, str]:
-    """Measure as ``cfg`` says; returns (the JSON written, the markdown table)."""
+def run_gym_variance(cfg: GymVarianceConfig, progress=None, rows: dict[str, dict] | None = None) -> tuple[dict, str]:
+    """Measure as ``cfg`` says; returns (the JSON written, the markdown table).
+
+    ``rows`` measures variants of the methods instead of ``cfg.estimators``: {row name: GymConfig
+    fields over the method's defaults, ``algo`` included}, e.g. ``{"reinforce-raw": dict(algo="reinforce",
+    norm_adv=False)}``; ``cfg.reference`` is then a row name."""
     from pg_lm.run.variance import measure, write_report
 
     from .rollout import Collector
 
-    names = cfg.names
-    cfgs = method_configs(cfg, [*names, cfg.reference])
+    names = list(rows) if rows else cfg.names
+    cfgs = method_configs(cfg, [*names, cfg.reference], rows)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         envs, policy = _load(cfg, names, cfgs)
@@ -144,7 +153,8 @@ def run_gym_variance(cfg: GymVarianceConfig, progress=None) -> tuple[dict, str]:
             "reference": cfg.reference, "reference_batches": cfg.reference_batches, "num_envs": cfg.num_envs,
             "n_steps": cfg.n_steps, "seed": cfg.seed, "episode_return_mean": sum(returns) / max(len(returns), 1),
             "episodes": len(returns),
-            "methods": {n: {k: getattr(cfgs[n], k) for k in ("gamma", "gae_lambda", "norm_adv", "ent_coef")} for n in names}}
+            "methods": {n: {k: getattr(cfgs[n], k) for k in ("algo", "gamma", "gae_lambda", "norm_adv", "ent_coef")}
+                        for n in names}}
     title = f"gradient variance at a fixed policy: {cfg.env}, {cfg.policy or 'initial policy'}, K={cfg.batches}"
     return {**meta, "results": results}, write_report(results, meta, cfg.output_dir, title)
 
