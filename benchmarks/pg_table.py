@@ -28,7 +28,8 @@ one row per baseline of ``pg_lm.lm.variance.ESTIMATORS``:
   its samples as anchors).
 
 Outputs in ``--output-dir``: ``gym.json`` / ``lm.json`` (every run, curve and variance result),
-``table.md`` (made from whichever JSONs are there; ``--part render`` remakes it). Run on an idle machine.
+``table.md`` and its short form ``table_summary.md`` (the README's tables), made from whichever JSONs are
+there (``--part render`` remakes them). Run on an idle machine.
 
     python benchmarks/pg_table.py --part gym --output-dir runs/table
     python benchmarks/pg_table.py --part lm --output-dir runs/table
@@ -74,7 +75,7 @@ LM_ROWS = {
     "loo": ("RLOO", "leave-one-out"),
     "remax": ("ReMax", "greedy completion's reward"),
     "value": ("REINFORCE + baseline", "V(s), value head"),
-    "gae": ("A2C (one update per batch)", "V(s), GAE"),
+    "gae": ("A2C", "V(s), GAE"),
 }
 
 
@@ -168,6 +169,7 @@ def lm_part(args, out: Path) -> dict:
         s = json.loads((run_dir / "summary.json").read_text())
         result["rows"][row] = dict(flags=lm_flags(row), accuracy_before=s["eval/reward_before"],
                                    accuracy_after=s["eval/reward_after"], steps=s["train/steps"],
+                                   truncated_after=s.get("eval/truncated_frac_after"),
                                    process_s=time.perf_counter() - t0)
         print(f"lm {row}: held-out {s['eval/reward_before']:.2f} -> {s['eval/reward_after']:.2f} "
               f"in {s['train/steps']} steps", flush=True)
@@ -200,10 +202,31 @@ def _num(x, fmt: str = ".3g") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def gym_points(points: dict, row: str, key: str, fmt: str) -> str:
+    """``key`` of ``row``'s variance result at the initial / mid / solved points, "a / b / c"."""
+    return " / ".join(_num(points[p]["results"][row][key], fmt) if points.get(p) else "—" for p in POINTS)
+
+
+def lm_points(variance: dict, row: str, key: str, fmt: str) -> str:
+    """``key`` of an LM row's variance result at the initial model and the trained checkpoint, "a / b"
+    (ReMax's from its own rollout; the other rows' from the main one)."""
+    cells = []
+    for point in ("initial", "trained"):
+        measured = variance.get(point, {}).get("remax" if row == "remax" else "main")
+        cells.append(_num(measured["results"][row][key], fmt) if measured and row in measured["results"] else "—")
+    return " / ".join(cells)
+
+
 def median_or_none(values: list) -> float | None:
     """The median over seeds, a seed that never reached the threshold counting as infinitely slow."""
     m = statistics.median([math.inf if v is None else v for v in values])
     return None if math.isinf(m) else m
+
+
+def best_eval(row: dict) -> float | None:
+    """The median over seeds of each run's best evaluation (how far the runs that fell short got)."""
+    bests = [max(e[2] for e in run["evals"]) for run in row.get("runs", []) if run["evals"]]
+    return statistics.median(bests) if bests else None
 
 
 def render(out: Path) -> str:
@@ -219,16 +242,16 @@ def render(out: Path) -> str:
                          f"initial policy / a PPO run's policy at {_num(steps.get('mid'), 'd')} and "
                          f"{_num(steps.get('solved'), 'd')} env steps, K = {g['var_batches']})\n")
             parts.append("| method | baseline | reached | env steps to threshold (median) | seconds (median) "
-                         "| gradient SNR: initial / mid / solved | total variance: initial / mid / solved |")
-            parts.append("|---|---|---|---:|---:|---|---|")
+                         "| best evaluation (median) | gradient SNR (noise removed): initial / mid / solved "
+                         "| total variance: initial / mid / solved |")
+            parts.append("|---|---|---|---:|---:|---:|---|---|")
             for row, r in e["rows"].items():
                 method, baseline, _ = GYM_ROWS[row]
-                snr = " / ".join(_num(pts[p]["results"][row]["snr"], ".2f") if pts.get(p) else "—" for p in POINTS)
-                var = " / ".join(_num(pts[p]["results"][row]["variance"]) if pts.get(p) else "—" for p in POINTS)
+                snr, var = gym_points(pts, row, "snr_debiased", ".2f"), gym_points(pts, row, "variance", ".3g")
                 budget = f" of {r['budget_steps'] // 1000}k"
                 parts.append(f"| {method} (`{row}`) | {baseline} | {r['reached']}{budget} "
                              f"| {_num(median_or_none(r['per_seed_steps']), ',.0f')} "
-                             f"| {_num(median_or_none(r['per_seed_time_s']), '.1f')} "
+                             f"| {_num(median_or_none(r['per_seed_time_s']), '.1f')} | {_num(best_eval(r), '.0f')} "
                              f"| {snr} | {var} |")
             parts.append("")
     lm = out / "lm.json"
@@ -236,24 +259,59 @@ def render(out: Path) -> str:
         m = json.loads(lm.read_text())
         var = m.get("variance", {})
 
-        def cell(point: str, row: str, key: str, fmt: str) -> str:
-            measured = var.get(point, {}).get("remax" if row == "remax" else "main")
-            return _num(measured["results"][row][key], fmt) if measured and row in measured["results"] else "—"
-
         parts.append(f"**Arithmetic, SmolLM2-135M-Instruct** (LoRA r16, 4 prompts x 8 samples, 16 tokens; "
                      f"{m['seconds']:g} s of training per row, seed {m['seed']}; gradient variance at the initial "
                      f"model / at the `loo` run's checkpoint, K = {m['var_batches']})\n")
-        parts.append("| method | baseline | held-out accuracy after the budget (steps) | gradient SNR: initial / trained "
-                     "| total variance: initial / trained |")
-        parts.append("|---|---|---|---|---|")
+        parts.append("| method | baseline | held-out accuracy after the budget (steps) | evaluation answers cut at the "
+                     "token limit | gradient SNR (noise removed): initial / trained | total variance: initial / trained |")
+        parts.append("|---|---|---|---:|---|---|")
         for row, r in m["rows"].items():
             method, baseline = LM_ROWS[row]
             parts.append(f"| {method} (`{row}`) | {baseline} | {r['accuracy_before']:.2f} -> **{r['accuracy_after']:.2f}** "
-                         f"({r['steps']}) | {cell('initial', row, 'snr', '.2f')} / {cell('trained', row, 'snr', '.2f')} "
-                         f"| {cell('initial', row, 'variance', '.3g')} / {cell('trained', row, 'variance', '.3g')} |")
+                         f"({r['steps']}) | {_num(r.get('truncated_after'), '.0%')} "
+                         f"| {lm_points(var, row, 'snr_debiased', '.2f')} | {lm_points(var, row, 'variance', '.3g')} |")
         parts.append("")
     text = "\n".join(parts)
     (out / "table.md").write_text(text)
+    return text
+
+
+def render_summary(out: Path) -> str:
+    """``table_summary.md``: the README's form of the tables -- both envs side by side, then the language model."""
+    parts = []
+    gym = out / "gym.json"
+    if gym.is_file():
+        envs = json.loads(gym.read_text())["envs"]
+        head, rule = "| method | baseline |", "|---|---|"
+        for env, e in envs.items():
+            head += f" {env}: env steps to {e['target']:g} (seconds) | SNR: initial / mid / solved |"
+            rule += "---:|---|"
+        parts += [head, rule]
+        for row, (method, baseline, _) in GYM_ROWS.items():
+            if not all(row in e["rows"] for e in envs.values()):
+                continue
+            line = f"| {method} | {baseline} |"
+            for e in envs.values():
+                r, pts = e["rows"][row], e["variance"]["points"]
+                steps, secs = median_or_none(r["per_seed_steps"]), median_or_none(r["per_seed_time_s"])
+                reached = (f"{steps:,.0f} ({secs:.1f} s)" if steps is not None
+                           else f"{r['reached']} seeds within {r['budget_steps'] // 1000}k")
+                line += f" {reached} | {gym_points(pts, row, 'snr_debiased', '.2f')} |"
+            parts.append(line)
+        parts.append("")
+    lm = out / "lm.json"
+    if lm.is_file():
+        m = json.loads(lm.read_text())
+        var = m.get("variance", {})
+        parts += [f"| method | baseline | held-out accuracy after {m['seconds']:g} s (steps) | SNR: initial / trained "
+                  "| total variance: initial / trained |", "|---|---|---|---|---|"]
+        for row, r in m["rows"].items():
+            parts.append(f"| {LM_ROWS[row][0]} | {LM_ROWS[row][1]} | {r['accuracy_before']:.2f} -> "
+                         f"**{r['accuracy_after']:.2f}** ({r['steps']}) | {lm_points(var, row, 'snr_debiased', '.2f')} "
+                         f"| {lm_points(var, row, 'variance', '.2g')} |")
+        parts.append("")
+    text = "\n".join(parts)
+    (out / "table_summary.md").write_text(text)
     return text
 
 
@@ -287,6 +345,8 @@ def main(argv=None) -> int:
     if args.part in ("lm", "all"):
         lm_part(args, out)
     print(render(out))
+    render_summary(out)
+    print(f"(the README's form: {out / 'table_summary.md'})")
     return 0
 
 

@@ -147,3 +147,40 @@ def test_gym_variance_of_every_method_and_of_a_saved_policy(tmp_path, capsys):
     rc = cli(["variance", "--env", "CartPole-v1", "--policy", str(no_critic), "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "has no critic" in err and len(err.splitlines()) == 1
+
+
+def test_gym_variance_of_method_variants_named_as_rows(tmp_path):
+    """``rows`` measures variants of a method (here REINFORCE with raw returns beside its whitened default):
+    the raw row's gradient is, by hand, that of -mean_t log π(a_t|s_t) G_t; the whitened row's that of the
+    whitened returns; both from the same episodes."""
+    from pg_lm.core import discounted_returns, masked_whiten
+    from pg_lm.gym.algos import ALGOS
+    from pg_lm.gym.rollout import Collector
+    from pg_lm.gym.train import _setup
+    from pg_lm.gym.variance import GymVarianceConfig, method_configs, policy_gradients, run_gym_variance
+    from pg_lm.gym.trpo import actor_params
+
+    rows = {"raw": dict(algo="reinforce", norm_adv=False), "whitened": dict(algo="reinforce")}
+    kw = dict(env="CartPole-v1", batches=3, reference_batches=2, n_steps=20, num_envs=2, progress=False,
+              reference="raw")
+    measured, table = run_gym_variance(GymVarianceConfig(**kw, output_dir=str(tmp_path)), rows=rows)
+    assert list(measured["results"]) == ["raw", "whitened"] and "| raw |" in table and "| whitened |" in table
+    assert measured["methods"]["raw"] == dict(algo="reinforce", gamma=0.99, gae_lambda=0.95, norm_adv=False, ent_coef=0.0)
+    assert measured["methods"]["whitened"]["norm_adv"] is True
+    assert measured["results"]["raw"]["variance"] != measured["results"]["whitened"]["variance"]
+
+    cfg = GymVarianceConfig(**kw)
+    cfgs = method_configs(cfg, list(rows), rows)
+    torch.manual_seed(0)
+    envs, policy = _setup(cfgs["raw"], ALGOS["a2c"])
+    try:
+        batch = Collector(envs, policy, 0).collect(20, complete=True)
+    finally:
+        envs.close()
+    got = policy_gradients(policy, batch, list(rows), cfgs)
+    G = discounted_returns(batch.rewards, batch.mask, 0.99, batch.terminated, batch.truncated)  # (B, T)
+    for name, adv in (("raw", G), ("whitened", masked_whiten(G, batch.mask))):
+        logp = policy.evaluate(batch.obs.flatten(0, 1), batch.actions.flatten(0, 1))[0].view_as(G)
+        loss = -(logp * adv.detach() * batch.mask).sum() / batch.mask.sum()
+        want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, actor_params(policy))]).double()
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-7)

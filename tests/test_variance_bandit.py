@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from pg_lm.core import aggregate, gradient_moments, gradient_summary, policy_loss
+from pg_lm.core import aggregate, debiased_snr, gradient_moments, gradient_summary, policy_loss
 from pg_lm.lm import estimate
 from pg_lm.lm.variance import ESTIMATORS
 from pg_lm.run.variance import markdown_table, measure, write_report
@@ -198,17 +198,41 @@ def test_streaming_moments_equal_the_batch_formula_and_the_summary_is_right():
     assert math.isnan(zero["snr"]) and math.isnan(zero["cosine"])
 
 
+def test_debiased_snr_by_hand_and_unbiased_for_the_squared_signal():
+    """||ḡ||² - V/K is unbiased for ||E ĝ||²: Gaussian estimates around a known mean, K = 8; the plain
+    ||ḡ||² overstates it by tr Cov / K (here 50 / 8)."""
+    assert debiased_snr(5.0, 4.0, 4) == pytest.approx(math.sqrt(24.0) / 2.0)  # √(25 - 4/4) / √4
+    assert debiased_snr(0.5, 4.0, 4) == 0.0  # the noise accounts for all of ||ḡ||
+    assert debiased_snr(1.0, 0.0, 4) == math.inf and math.isnan(debiased_snr(0.0, 0.0, 4))
+    with pytest.raises(ValueError, match="K >= 2"):
+        debiased_snr(1.0, 1.0, 1)
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.zeros(50, dtype=torch.float64)
+    mu[0] = 1.0  # ||E ĝ||² = 1, tr Cov = 50
+    debiased, plain = [], []
+    for _ in range(400):
+        grads = mu + torch.randn(8, 50, dtype=torch.float64, generator=gen)
+        s = measure(lambda i: grads[i], lambda b, n: {"x": b}, ["x"], 8, "x", 0)["x"]
+        assert s["snr_debiased"] == debiased_snr(s["mean_norm"], s["variance"], 8)
+        debiased.append(s["mean_norm"] ** 2 - s["variance"] / 8)  # the square under the root, before the clip at 0
+        plain.append(s["mean_norm"] ** 2)
+    # each draw's s.d. is about 1.5, so the mean of 400 is within 0.25 of its expectation (> 3 s.e.)
+    assert sum(debiased) / 400 == pytest.approx(1.0, abs=0.25)
+    assert sum(plain) / 400 == pytest.approx(1.0 + 50 / 8, abs=0.25)
+
+
 def test_measure_refuses_fewer_than_two_batches():
     with pytest.raises(ValueError, match="--batches must be >= 2"):
         measure(lambda i: None, lambda b, n: {}, ["x"], 1, "x", 0)
 
 
 def test_the_report_writes_a_table_json_and_plot(tmp_path):
-    results = {"none": {"variance": 2.0, "mean_norm": 1.0, "snr": 0.7071, "cosine": 0.9},
-               "loo": {"variance": 0.5, "mean_norm": 1.0, "snr": 1.414, "cosine": math.nan}}
+    results = {"none": {"variance": 2.0, "mean_norm": 1.0, "snr": 0.7071, "snr_debiased": 0.5, "cosine": 0.9},
+               "loo": {"variance": 0.5, "mean_norm": 1.0, "snr": 1.414, "snr_debiased": 1.2, "cosine": math.nan}}
     table = write_report(results, {"backend": "test"}, str(tmp_path), "t")
     assert table == markdown_table(results)
-    assert table.splitlines()[2] == "| none | 2 | 1 | 0.7071 | 0.9 |" and "| loo | 0.5 | 1 | 1.414 | nan |" in table
+    assert table.splitlines()[2] == "| none | 2 | 1 | 0.7071 | 0.5 | 0.9 |"
+    assert "| loo | 0.5 | 1 | 1.414 | 1.2 | nan |" in table
     import json
 
     saved = json.loads((tmp_path / "variance.json").read_text())

@@ -37,7 +37,7 @@ from .natural import (
     natural_gradient_step,
     step_scale,
 )
-from .variance import gradient_moments, gradient_summary, welford_update
+from .variance import debiased_snr, gradient_moments, gradient_summary, welford_update
 
 __all__ = [
     "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "batch_mean_baseline",
@@ -49,5 +49,5 @@ __all__ = [
     "assign_flat", "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product",
     "flat_grad", "gaussian_kl", "natural_gradient_step", "step_scale",
     # gradient-estimator moments (pg-lm variance)
-    "gradient_moments", "gradient_summary", "welford_update",
+    "debiased_snr", "gradient_moments", "gradient_summary", "welford_update",
 ]

@@ -25,7 +25,7 @@ Gradients = Callable[[Any, list[str]], "dict[str, Tensor]"]
 
 def measure(draw: Draw, gradients: Gradients, names: list[str], batches: int, reference: str,
             reference_batches: int, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
-    """{estimator: {variance, mean_norm, snr, cosine}} over ``batches`` (K >= 2) draws.
+    """{estimator: {variance, mean_norm, snr, snr_debiased, cosine}} over ``batches`` (K >= 2) draws.
 
     The reference gradient is the mean of estimator ``reference`` over ``reference_batches`` further,
     independent draws (batches K, K+1, ...): a large-batch estimate of the true gradient that shares
@@ -49,7 +49,7 @@ def measure(draw: Draw, gradients: Gradients, names: list[str], batches: int, re
         ref = g if ref is None else ref + (g - ref) / (k + 1)
         if progress:
             progress(f"reference batch {k + 1}/{reference_batches}")
-    return {name: gradient_summary(mean, m2 / (batches - 1), ref) for name, (mean, m2) in moments.items()}
+    return {name: gradient_summary(mean, m2 / (batches - 1), ref, batches) for name, (mean, m2) in moments.items()}
 
 
 def _fmt(x: float) -> str:
@@ -59,9 +59,11 @@ def _fmt(x: float) -> str:
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
     """One row per estimator: total variance, norm of the mean, signal-to-noise, cosine to the reference."""
     cos = any("cosine" in r for r in results.values())
-    head = "| estimator | total variance | ‖mean‖ | SNR ‖mean‖/√var |" + (" cos(mean, reference) |" if cos else "")
-    rule = "|---|---:|---:|---:|" + ("---:|" if cos else "")
-    rows = [f"| {name} | {_fmt(r['variance'])} | {_fmt(r['mean_norm'])} | {_fmt(r['snr'])} |"
+    head = ("| estimator | total variance | ‖mean‖ | SNR ‖mean‖/√var | SNR, noise removed |"
+            + (" cos(mean, reference) |" if cos else ""))
+    rule = "|---|---:|---:|---:|---:|" + ("---:|" if cos else "")
+    rows = [f"| {name} | {_fmt(r['variance'])} | {_fmt(r['mean_norm'])} | {_fmt(r['snr'])} "
+            f"| {_fmt(r.get('snr_debiased', math.nan))} |"
             + (f" {_fmt(r.get('cosine', math.nan))} |" if cos else "") for name, r in results.items()]
     return "\n".join([head, rule, *rows])
 
@@ -84,7 +86,7 @@ def _plot(results: dict[str, dict[str, float]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    panels = [("variance", "total variance (log)"), ("snr", "SNR ‖mean‖/√var")]
+    panels = [("variance", "total variance (log)"), ("snr_debiased", "SNR, noise removed")]
     if any("cosine" in r for r in results.values()):
         panels.append(("cosine", "cos(mean, reference)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
