@@ -217,6 +217,17 @@ def lm_points(variance: dict, row: str, key: str, fmt: str) -> str:
     return " / ".join(cells)
 
 
+def _write(path: Path, lines: list[str]) -> str:
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def accuracy(row: dict) -> str:
+    """An LM row's held-out accuracy before -> after, and its steps: "0.01 -> **0.79** (69)"."""
+    return f"{row['accuracy_before']:.2f} -> **{row['accuracy_after']:.2f}** ({row['steps']})"
+
+
 def median_or_none(values: list) -> float | None:
     """The median over seeds, a seed that never reached the threshold counting as infinitely slow."""
     m = statistics.median([math.inf if v is None else v for v in values])
@@ -267,13 +278,10 @@ def render(out: Path) -> str:
         parts.append("|---|---|---|---:|---|---|")
         for row, r in m["rows"].items():
             method, baseline = LM_ROWS[row]
-            parts.append(f"| {method} (`{row}`) | {baseline} | {r['accuracy_before']:.2f} -> **{r['accuracy_after']:.2f}** "
-                         f"({r['steps']}) | {_num(r.get('truncated_after'), '.0%')} "
+            parts.append(f"| {method} (`{row}`) | {baseline} | {accuracy(r)} | {_num(r.get('truncated_after'), '.0%')} "
                          f"| {lm_points(var, row, 'snr_debiased', '.2f')} | {lm_points(var, row, 'variance', '.3g')} |")
         parts.append("")
-    text = "\n".join(parts)
-    (out / "table.md").write_text(text)
-    return text
+    return _write(out / "table.md", parts)
 
 
 def render_summary(out: Path) -> str:
@@ -306,13 +314,10 @@ def render_summary(out: Path) -> str:
         parts += [f"| method | baseline | held-out accuracy after {m['seconds']:g} s (steps) | SNR: initial / trained "
                   "| total variance: initial / trained |", "|---|---|---|---|---|"]
         for row, r in m["rows"].items():
-            parts.append(f"| {LM_ROWS[row][0]} | {LM_ROWS[row][1]} | {r['accuracy_before']:.2f} -> "
-                         f"**{r['accuracy_after']:.2f}** ({r['steps']}) | {lm_points(var, row, 'snr_debiased', '.2f')} "
-                         f"| {lm_points(var, row, 'variance', '.2g')} |")
+            parts.append(f"| {LM_ROWS[row][0]} | {LM_ROWS[row][1]} | {accuracy(r)} "
+                         f"| {lm_points(var, row, 'snr_debiased', '.2f')} | {lm_points(var, row, 'variance', '.2g')} |")
         parts.append("")
-    text = "\n".join(parts)
-    (out / "table_summary.md").write_text(text)
-    return text
+    return _write(out / "table_summary.md", parts)
 
 
 def parse_args(argv=None):
