@@ -125,15 +125,14 @@ class Evaluator:
                     train_s=elapsed - self.excluded, eval_s_excluded=self.excluded, evals=self.curve)
 
 
-def run_pg_lm(args, seed: int, output_dir: str, algo: str | None = None, overrides: dict | None = None,
-              on_eval=None) -> dict:
+def run_pg_lm(args, seed: int, output_dir: str, overrides: dict | None = None, on_eval=None) -> dict:
     """``pg_lm.gym.train`` with a per-update callback that evaluates and stops at the target.
 
-    ``algo`` (default ``args.pg_lm_algo``) at its per-env defaults, ``overrides`` (GymConfig fields)
+    ``args.pg_lm_algo`` at its per-env defaults, ``overrides`` (GymConfig fields, ``algo`` included)
     over them; ``on_eval(policy, steps, mean_return)`` runs after each evaluation."""
     from pg_lm.gym import GymConfig, resolve, train
 
-    cfg = resolve(GymConfig(**{"algo": algo or args.pg_lm_algo, **(overrides or {}), "env": args.env, "seed": seed,
+    cfg = resolve(GymConfig(**{"algo": args.pg_lm_algo, **(overrides or {}), "env": args.env, "seed": seed,
                                "progress": False, "threads": args.threads, "output_dir": output_dir}))
     cap = min(cfg.total_steps, args.max_steps or cfg.total_steps)
     ev = Evaluator(args, seed)

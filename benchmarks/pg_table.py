@@ -122,7 +122,7 @@ def gym_variance(args, ns, env: str, out: Path) -> dict:
                 save_policy(policy, out / f"{point}.pt", {})
                 saved[point] = steps
 
-    ref = cartpole.run_pg_lm(ns, 0, str(out / "reference_run"), algo="ppo", overrides=dict(reward_norm=False),
+    ref = cartpole.run_pg_lm(ns, 0, str(out / "reference_run"), overrides=dict(algo="ppo", reward_norm=False),
                              on_eval=on_eval)
     rows = {row: spec[2] for row, spec in GYM_ROWS.items() if row in args.gym_rows}
     points = {}
@@ -135,7 +135,7 @@ def gym_variance(args, ns, env: str, out: Path) -> dict:
                                 output_dir=str(out / f"variance-{point}"), progress=False)
         measured, table = run_gym_variance(cfg, rows=rows)
         print(f"{env} gradient variance at the {point} policy:\n{table}", flush=True)
-        points[point] = dict(env_steps=saved.get(point, 0), **measured)
+        points[point] = measured
     return dict(reference_run=dict(algo="ppo", seed=0, reward_norm=False, mid_level=MID[env],
                                    points={p: saved.get(p, 0 if p == "initial" else None) for p in POINTS},
                                    reached=ref["reached"]), points=points)
@@ -151,8 +151,7 @@ def lm_flags(row: str) -> list[str]:
 
 
 def pg_lm(*argv: str) -> None:
-    subprocess.run([sys.executable, "-c", "import sys; from pg_lm.cli import main; sys.exit(main())", *argv],
-                   check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "pg_lm.cli", *argv], check=True, cwd=ROOT)
 
 
 def lm_part(args, out: Path) -> dict:
