@@ -52,10 +52,10 @@ def build_pg_lm(overrides: dict, output_dir: str):
 
 def pg_lm_step_prompts(trainer, steps: int) -> tuple[list[str], list[str]]:
     """(prompts, answers) pg_lm's trainer will use at steps 0..steps-1, flattened in order.
-    Uses the private ``Trainer._prompts``: pg_lm has no public way to ask for them."""
+    Uses ``Trainer.prompts``, the prompts of a step."""
     prompts, answers = [], []
     for s in range(steps):
-        p, cols = trainer._prompts(s)
+        p, cols = trainer.prompts(s)
         prompts += list(p)
         answers += list(cols["answer"])
     return prompts, answers

@@ -119,7 +119,7 @@ def trl_config(bf16: bool, total_steps: int, output_dir: str) -> dict:
 def _pg_lm_step(trainer) -> dict:
     from pg_lm.lm.sampling import encode_prompts
 
-    prompts, _ = trainer._prompts(trainer.step)
+    prompts, _ = trainer.prompts(trainer.step)
     unique_prompt_tokens = int(encode_prompts(trainer.tok, prompts, True, None)[1].sum())
     t0 = time.perf_counter()
     s = trainer.train_step()

@@ -56,7 +56,7 @@ GAE_CASES = {"gae": {}, "gae/micro3": {"micro_batch_size": 3}}
 
 def global_batch(pad_id: int):
     """(Rollout, advantages, returns) of the whole global batch; identical in every process."""
-    from pg_lm.lm.sampling import Rollout
+    from pg_lm.lm.rollout import Rollout
 
     P = max(map(len, PROMPT_IDS))
     prompt_ids = torch.full((4, P), pad_id)
@@ -122,7 +122,7 @@ def gradients(trainer, cases: dict, with_returns: bool) -> dict:
         a[overrides.pop("_zero_rows", [])] = 0.0
         trainer.cfg = dataclasses.replace(base, **overrides)
         captured.clear()
-        stats = trainer.update(local, a[rows], returns[rows] if with_returns else None)
+        stats, _ = trainer.update(local, a[rows], returns[rows] if with_returns else None)
         skipped = "skip" in case.split("/")[-1]
         assert (stats["perf/trained_frac"] < 1) == skipped, (case, stats["perf/trained_frac"])
         assert captured, f"{case}: the optimizer step was never reached"

@@ -34,8 +34,8 @@ def main(model_dir: str, out_dir: str) -> dict:
     local = batch.select(rows, group_size=grad_worker.G)
     policy = acc.unwrap_model(tr.policy)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    stats = trpo.update(tr, local, adv[rows], returns[rows])
-    assert tr._update_bad is None and stats["policy/step_fraction"] > 0, stats
+    stats, bad = trpo.update(tr, local, adv[rows], returns[rows])
+    assert bad is None and stats["policy/step_fraction"] > 0, stats
     weights = {n: p.detach().clone() for n, p in policy.named_parameters()}
     if world > 1:  # every replica took the same step
         flat = torch.cat([w.reshape(-1) for w in weights.values()])

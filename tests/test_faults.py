@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import pg_lm.lm.estimate
+import pg_lm.lm.loss as loss_module
 import pg_lm.lm.trainer as trainer_module
 from lm_fixtures import make_trainer, read_jsonl, snapshot
 from pg_lm.lm.trainer import QUANTITIES, NonFiniteError
@@ -49,19 +50,19 @@ def inject(tr, monkeypatch, quantity: str, steps: set[int]) -> None:
         real = tr.advantages
         monkeypatch.setattr(tr, "advantages", lambda b: (lambda a, r: (a * torch.inf if on() else a, r))(*real(b)))
     elif quantity == "log-prob":
-        real = tr._forward
+        real = tr.forward
 
         def forward(batch, grad, model=None):
             out = real(batch, grad, model)
             return (out[0] + NAN, *out[1:]) if grad and on() else out
-        monkeypatch.setattr(tr, "_forward", forward)
+        monkeypatch.setattr(tr, "forward", forward)
     elif quantity == "loss":
-        real = trainer_module.policy_loss
+        real = loss_module.policy_loss
 
         def policy_loss(logp, *a, **kw):
             loss, clipped = real(logp, *a, **kw)
             return (loss * NAN if on() else loss), clipped
-        monkeypatch.setattr(trainer_module, "policy_loss", policy_loss)
+        monkeypatch.setattr(loss_module, "policy_loss", policy_loss)
     elif quantity == "sampler log-prob":
         real = trainer_module.sample
 
@@ -72,12 +73,12 @@ def inject(tr, monkeypatch, quantity: str, steps: set[int]) -> None:
             return b
         monkeypatch.setattr(trainer_module, "sample", sample)
     elif quantity == "IS weight":
-        real = trainer_module.sampler_is_weights
+        real = loss_module.sampler_is_weights
 
         def sampler_is_weights(*a, **kw):
             w, capped = real(*a, **kw)
             return (w * NAN if on() else w), capped
-        monkeypatch.setattr(trainer_module, "sampler_is_weights", sampler_is_weights)
+        monkeypatch.setattr(loss_module, "sampler_is_weights", sampler_is_weights)
     elif quantity == "gradient":
         p = tr.params[0]
         p.register_hook(lambda g: g * NAN if on() else g)

@@ -210,13 +210,13 @@ def test_update_forward_takes_the_copys_weights_with_autocasts_gradient(tiny_lm_
                       train_dataset=prompt_dataset(TRAIN_PROMPTS))
     lm = tr.acc.unwrap_model(tr.policy).lm
     linears = [m for m in lm.modules() if type(m) is torch.nn.Linear]
-    assert len(tr.sampler.linear_weights(tr._param_names)) == len(linears) > 0
+    assert len(tr.sampler.linear_weights(tr.param_names)) == len(linears) > 0
     batch, _ = tr.rollout()
     adv = torch.randn(batch.completion_mask.shape, generator=torch.Generator().manual_seed(0))
 
     def logp_and_grads():
         tr.policy.zero_grad(set_to_none=True)
-        logp = tr._forward(batch, grad=True)[0]
+        logp = tr.forward(batch, grad=True)[0]
         (logp * adv * batch.completion_mask).sum().backward()
         return logp.detach(), {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
 
@@ -230,9 +230,9 @@ def test_update_forward_takes_the_copys_weights_with_autocasts_gradient(tiny_lm_
     for n in without[1]:
         assert torch.equal(with_copy[1][n], without[1][n]), n
     tr.update(batch, adv, None)  # the copy is stale between optimizer steps and current after the refresh
-    assert tr.sampler.current and len(tr.sampler.linear_weights(tr._param_names)) == len(linears)
+    assert tr.sampler.current and len(tr.sampler.linear_weights(tr.param_names)) == len(linears)
     tr.sampler.current = False
-    assert tr.sampler.linear_weights(tr._param_names) == {}
+    assert tr.sampler.linear_weights(tr.param_names) == {}
 
 
 def test_later_optimizer_steps_of_an_update_do_not_read_the_stale_copy(tiny_lm_dir, tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ def test_sampler_and_learner_log_probs_agree(device, precision, tiny_lm_dir, tmp
     monkeypatch.setattr(sampling, "_pick", pick)
     batch, _ = tr.rollout()
     drawn = torch.stack(steps, 1)[:, : batch.completion_mask.shape[1]]  # (B, T)
-    learner = tr._forward(batch, grad=False)[0]
+    learner = tr.forward(batch, grad=False)[0]
     m = batch.completion_mask.bool()
     diff = (drawn - learner)[m].abs()
     assert m.sum() > 0

@@ -66,6 +66,31 @@ def test_resume_without_a_checkpoint_is_an_error(tiny_lm_dir, tmp_path):
         make_trainer(tiny_lm_dir, tmp_path, resume=True)
 
 
+def test_resume_refuses_a_checkpoint_of_another_shape_before_any_model_loads(tiny_lm_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A checkpoint saved with other weights (LoRA rank, value head through the estimator, model) is
+    refused at start-up, naming every setting that differs, in one line, with exit 2 from the CLI."""
+    import pg_lm.lm.setup
+    from pg_lm.lm.train import main
+
+    make_trainer(tiny_lm_dir, tmp_path, max_steps=1, lora_r=4, save_every=1).train()
+
+    def no_load(*a, **kw):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(pg_lm.lm.setup, "load_policy", no_load)
+    with pytest.raises(ValueError, match=r"--lora-r 4 there, 8 here; --estimator 'reinforce' there, 'gae' here"):
+        make_trainer(tiny_lm_dir, tmp_path, max_steps=2, lora_r=8, estimator="gae", resume=True)
+    with pytest.raises(ValueError, match=r"--model .* there, 'another-model' here"):
+        make_trainer(tiny_lm_dir, tmp_path, max_steps=2, lora_r=4, resume=True, model="another-model")
+    argv = ["--model", str(tiny_lm_dir), "--output-dir", str(tmp_path), "--lora-r", "2", "--resume", "true",
+            "--max-steps", "2", "--progress", "false", "--mixed-precision", "no"]
+    capsys.readouterr()  # (what the runs above printed)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume:") and "--lora-r 4 there, 2 here" in err[0], err
+
+
 def test_resume_lora_with_value_head(tiny_lm_dir, tmp_path):
     kw = dict(lora_r=4, estimator="gae", lr=1e-2)
     first = make_trainer(tiny_lm_dir, tmp_path, max_steps=2, **kw)

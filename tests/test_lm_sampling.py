@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pg_lm.lm.policy import Policy, load_policy
-from pg_lm.lm.sampling import Rollout, completion_mask_from_ids, encode_prompts, sample
+from pg_lm.lm.rollout import Rollout
+from pg_lm.lm.sampling import completion_mask_from_ids, encode_prompts, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
 

@@ -342,6 +342,6 @@ def test_linear_schedule_follows_the_steps_of_the_run(tiny_lm_dir, tmp_path):
 
 def test_a_time_budget_drives_the_schedule_when_it_is_further_along(tiny_lm_dir, tmp_path):
     tr = make_trainer(tiny_lm_dir, tmp_path, lr=1e-3, max_steps=1000, max_seconds=100.0, lr_schedule="linear")
-    tr.prior_wall_s = 50.0  # as if half the time budget had gone (e.g. before a resume)
+    tr.state.prior_wall_s = 50.0  # as if half the time budget had gone (e.g. before a resume)
     tr.train_step()
     assert tr.train_step()["lr"] == pytest.approx(0.5e-3, rel=0.05)

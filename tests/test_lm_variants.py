@@ -111,7 +111,7 @@ def _captured_update(tr, batch, adv):
     named = [(n, p) for n, p in tr.policy.named_parameters() if p.requires_grad]
     got = {}
     tr.opt.step = lambda *a, **k: got.update({n: p.grad.detach().clone() for n, p in named})
-    stats = tr.update(batch, adv, None)
+    stats, _ = tr.update(batch, adv, None)
     return got, stats
 
 
@@ -119,7 +119,7 @@ def _captured_update(tr, batch, adv):
 def test_the_sampler_log_probs_are_the_learners_when_both_run_fp32(tiny_lm_dir, tmp_path, cpu_layer):
     tr = make_trainer(tiny_lm_dir, tmp_path, cpu_layer=cpu_layer, prompts_per_step=4)
     batch, _ = tr.rollout()
-    learner = tr._forward(batch, grad=False)[0]  # (B, T)
+    learner = tr.forward(batch, grad=False)[0]  # (B, T)
     m = batch.completion_mask.bool()
     assert batch.sampler_logp.shape == learner.shape and (batch.sampler_logp[~m] == 0).all()
     torch.testing.assert_close(batch.sampler_logp[m], learner[m], rtol=0, atol=1e-4)
@@ -137,7 +137,7 @@ def test_the_correction_weighs_each_tokens_gradient(tiny_lm_dir, tmp_path, mode,
     batch, _ = tr.rollout()
     adv, _ = tr.advantages(batch)
     assert adv.abs().sum() > 0
-    batch.sampler_logp = (tr._forward(batch, grad=False)[0] - math.log(2.0)) * batch.completion_mask  # ρ = 2
+    batch.sampler_logp = (tr.forward(batch, grad=False)[0] - math.log(2.0)) * batch.completion_mask  # ρ = 2
     plain, stats = _captured_update(tr, batch, adv)
     assert abs(stats["sampler/logp_gap"] - math.log(2.0)) < 1e-4 and "sampler/is_weight" not in stats
     tr.cfg = dataclasses.replace(tr.cfg, sampler_correction=mode, sampler_is_cap=1.5, sampler_is_level=level)
@@ -193,7 +193,7 @@ def test_dynamic_sampling_keeps_informative_groups_only(tiny_lm_dir, tmp_path):
         assert 0.0 <= stats["reward/zero_spread_frac"] <= 1.0
         # the batch's log-probs are the learner's for the rows it kept
         m = batch.completion_mask.bool()
-        torch.testing.assert_close(batch.sampler_logp[m], tr._forward(batch, grad=False)[0][m], rtol=0, atol=1e-4)
+        torch.testing.assert_close(batch.sampler_logp[m], tr.forward(batch, grad=False)[0][m], rtol=0, atol=1e-4)
         tr.step += 1
 
 
@@ -209,7 +209,7 @@ def test_dynamic_sampling_draws_the_same_prompts_and_samples_again(tiny_lm_dir, 
     (ba, sa), (bb, sb) = out
     assert ba.prompts == bb.prompts and torch.equal(ba.completion_ids, bb.completion_ids)
     assert {k: v for k, v in sa.items() if not k.startswith("perf/")} == {k: v for k, v in sb.items() if not k.startswith("perf/")}
-    assert a._prompts(5, 2) == b._prompts(5, 2) and a._prompts(5, 2)[0] != a._prompts(5, 1)[0]
+    assert a.prompts(5, 2) == b.prompts(5, 2) and a.prompts(5, 2)[0] != a.prompts(5, 1)[0]
 
 
 def test_dynamic_sampling_at_its_cap_warns_and_trains_on_what_it_has(tiny_lm_dir, tmp_path, capsys):
@@ -237,7 +237,7 @@ def test_gspo_on_policy_has_grpos_gradient_and_differs_off_policy(tiny_lm_dir, t
     for name in grpo:  # ratio 1 on every token and sequence: the same gradient
         torch.testing.assert_close(gspo[name], grpo[name], rtol=1e-4, atol=1e-7)
     # off policy (π_old moved): the sequence ratio weighs each completion by s_i, the token ratio each token
-    batch.logp = tr._forward(batch, grad=False)[0] + 0.3 * torch.randn_like(adv) * batch.completion_mask
+    batch.logp = tr.forward(batch, grad=False)[0] + 0.3 * torch.randn_like(adv) * batch.completion_mask
     gspo_off, _ = _captured_update(tr, batch, adv)
     tr.cfg = base
     grpo_off, _ = _captured_update(tr, batch, adv)

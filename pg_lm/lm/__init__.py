@@ -2,7 +2,7 @@
 
 from .config import LMConfig
 from .rewards import RewardError, RewardModel, RewardSet
-from .sampling import Rollout
+from .rollout import Rollout
 from .train import train
 
 __all__ = ["LMConfig", "RewardError", "RewardModel", "RewardSet", "Rollout", "train"]

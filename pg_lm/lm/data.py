@@ -92,3 +92,23 @@ def datasets_from_config(cfg):
         parts = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
         train, eval_ds = parts["train"], parts["test"]
     return train, eval_ds
+
+
+def step_rows(n: int, per: int, seed: int, step: int, rank: int, world: int, round: int = 0) -> list[int]:
+    """The dataset rows (of ``n``) that process ``rank`` of ``world`` trains on at ``step``: ``per``
+    of them, from a seeded permutation per epoch, the processes taking consecutive slices. ``round``
+    k > 0 (dynamic sampling's extra rounds): a permutation seeded by (seed, step, k), sliced by
+    rank. A function of the step and the seed alone, so a resumed run draws the same prompts."""
+    import torch
+
+    if round:
+        g = torch.Generator().manual_seed((1 << 40) + (seed * 1_000_003 + step) * 1009 + round)
+        perm = torch.randperm(n, generator=g)  # host: read back as ints, the same on every process
+        return [int(perm[(rank * per + k) % n]) for k in range(per)]
+    idx, start = [], step * per * world + rank * per
+    for k in range(start, start + per):
+        epoch, pos = divmod(k, n)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        perm = torch.randperm(n, generator=g)  # host: read back as ints, the same on every process
+        idx.append(int(perm[pos]))
+    return idx

@@ -93,3 +93,11 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     r, v = returns[m], values[m]
     var = r.var() if r.numel() > 1 else torch.tensor(0.0, device=r.device)
     return float("nan") if var == 0 else float(1 - (r - v).var() / var)
+
+
+def adaptive_kl_coef(coef: float, kl_per_seq: float, target: float, horizon: int, batch_size: int) -> float:
+    """The KL coefficient after one step of the adaptive controller (Ziegler et al. 2019, section 2.2):
+    ``coef * (1 + clip(kl / target - 1, -0.2, 0.2) * batch_size / horizon)``, which steers the KL per
+    sequence toward ``target`` over ``horizon`` samples."""
+    err = max(min(kl_per_seq / target - 1.0, 0.2), -0.2)
+    return coef * (1.0 + err * batch_size / horizon)

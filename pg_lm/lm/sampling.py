@@ -8,92 +8,11 @@ the pad id (pad often equals EOS).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-
-@dataclass
-class Rollout:
-    """One batch of B = prompts x G completions. Samples of a prompt are contiguous.
-
-    Tensors are filled in stages: sampling sets the ids and masks, the trainer adds
-    log-probs, values and rewards. Shapes: P prompt tokens, T completion tokens.
-    """
-
-    prompt_ids: Tensor  # (B, P) left-padded prompt tokens
-    prompt_mask: Tensor  # (B, P) 1 on real prompt tokens
-    completion_ids: Tensor  # (B, T) right-padded completion tokens (EOS included when sampled)
-    completion_mask: Tensor  # (B, T) float, 1 on the first `length` tokens
-    truncated: Tensor  # (B,) bool: hit max_new_tokens without EOS
-    prompts: list  # (B,) prompts as the user gave them: strings, or lists of chat messages
-    completions: list[str]  # (B,) decoded completions (special tokens stripped)
-    columns: dict = field(default_factory=dict)  # other dataset fields, each a (B,) list
-    logp: Tensor | None = None  # (B, T) log π_old(token) from the learner, no grad
-    sampler_logp: Tensor | None = None  # (B, T) log-prob of each token as the sampler drew it (its own numeric path), 0 on padding
-    ref_logp: Tensor | None = None  # (B, T) log π_ref(token)
-    values: Tensor | None = None  # (B, T) V(s_t) before token t
-    rewards: Tensor | None = None  # (B, T) per-token reward (task reward on the last token, - KL)
-    scores: Tensor | None = None  # (B,) total task reward of each completion
-    greedy_scores: Tensor | None = None  # (B,) ReMax: the total task reward of the row's prompt's greedy completion
-    group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.completion_mask.sum(1).long()  # (B,)
-
-    def select(self, idx: Tensor, group_size: int = 1) -> "Rollout":
-        """The sub-batch of rows ``idx`` (tensors sliced, lists picked); say ``group_size``
-        when ``idx`` is a run of whole groups in order."""
-        pick = lambda xs: [xs[i] for i in idx.tolist()]
-        kw = {}
-        for name, val in self.__dict__.items():
-            if isinstance(val, Tensor):
-                kw[name] = val[idx]
-            elif isinstance(val, list):
-                kw[name] = pick(val)
-            elif isinstance(val, dict):
-                kw[name] = {k: pick(v) for k, v in val.items()}
-            else:
-                kw[name] = val
-        kw["group_size"] = group_size
-        return Rollout(**kw)
-
-
-def _pad(x: Tensor, width: int, value, left: bool = False) -> Tensor:
-    """``x`` (B, w) padded with ``value`` to (B, width), on the right (or the left)."""
-    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
-    return torch.cat([pad, x] if left else [x, pad], 1)
-
-
-def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """The rows of every rollout in ``parts``, in order, as one (all of the same group size; prompts
-    are left-padded and completions right-padded to the widest). Fields set in only some parts
-    are an error: the trainer joins rollouts before it adds log-probs and values."""
-    first = parts[0]
-    P = max(r.prompt_ids.shape[1] for r in parts)
-    T = max(r.completion_ids.shape[1] for r in parts)
-    kw = {}
-    for name, val in first.__dict__.items():
-        vals = [getattr(r, name) for r in parts]
-        if isinstance(val, Tensor) and val.dim() == 2:  # (B, P) prompt side, (B, T) completion side
-            left = name.startswith("prompt")
-            width, fill = (P, pad_id if name == "prompt_ids" else 0) if left else (T, pad_id if name == "completion_ids" else 0)
-            kw[name] = torch.cat([_pad(v, width, fill, left) for v in vals])
-        elif isinstance(val, Tensor):
-            kw[name] = torch.cat(vals)
-        elif isinstance(val, list):
-            kw[name] = [x for v in vals for x in v]
-        elif isinstance(val, dict):
-            kw[name] = {k: [x for v in vals for x in v[k]] for k in val}
-        elif val is None:
-            if any(v is not None for v in vals):
-                raise ValueError(f"rollout field {name} is set in only some of the parts")
-            kw[name] = None
-        else:
-            kw[name] = val
-    return Rollout(**kw)
+from .rollout import Rollout
 
 
 def format_prompts(tokenizer, prompts: list, chat_template: bool, system_prompt: str | None = None) -> list[str]:
@@ -220,6 +139,21 @@ def draw(probs: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
+def _cpu_decoding(lm, rows: int, cpu_layer: bool):
+    """(a context under which each linear layer runs the faster of two GEMMs, a function making the
+    few-op Llama decoder for a cache or None) of pg_lm/lm/cpu for ``rows`` decoding rows; without
+    the CPU layer, (a null context, None): the model's own forward decodes."""
+    if not cpu_layer:
+        return nullcontext(), None
+    from .cpu.decode_gemm import decode_gemms
+    from .cpu.decode_llama import LlamaDecoder, fused_projections, supports
+
+    if not supports(lm):
+        return decode_gemms(lm, rows, skip=[]), None
+    projections, fused = fused_projections(lm, rows)
+    return decode_gemms(lm, rows, skip=fused), lambda cache, am, T: LlamaDecoder(lm, cache, am, T, projections)
+
+
 @torch.no_grad()
 def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
@@ -242,28 +176,21 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     from .policy import kv_cache, positions
 
     per = num_samples + int(greedy_extra)  # rows per prompt
-    num_samples = per
     rows = prompt_ids.shape[0] * per
     argmax_rows = (torch.arange(rows, device=prompt_ids.device) % per == per - 1) if greedy_extra else None  # (B,)
-    fast, decode_gemms, projections, fused = False, None, None, []
-    if cpu_layer:
-        from .cpu.decode_gemm import decode_gemms
-        from .cpu.decode_llama import LlamaDecoder, fused_projections, supports
-
-        fast = supports(lm)
-        projections, fused = fused_projections(lm, rows) if fast else (None, [])
-    with decode_gemms(lm, rows, skip=fused) if decode_gemms else nullcontext():
+    gemms, make_decoder = _cpu_decoding(lm, rows, cpu_layer)
+    with gemms:
         pos = positions(prompt_mask)  # (N, P)
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
                  logits_to_keep=1)
         kw, cache = kv_cache(out)
-        cache.batch_repeat_interleave(num_samples)
-        logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (B, V)
-        am = prompt_mask.repeat_interleave(num_samples, 0)  # (B, P + t)
-        next_pos = pos[:, -1:].repeat_interleave(num_samples, 0) + 1  # (B, 1)
+        cache.batch_repeat_interleave(per)
+        logits = out.logits[:, -1].repeat_interleave(per, 0)  # (B, V)
+        am = prompt_mask.repeat_interleave(per, 0)  # (B, P + t)
+        next_pos = pos[:, -1:].repeat_interleave(per, 0) + 1  # (B, 1)
         eos = torch.tensor(eos_ids, device=prompt_ids.device)
         done = torch.zeros(am.shape[0], dtype=torch.bool, device=am.device)
-        decoder = LlamaDecoder(lm, cache, am, max_new_tokens, projections) if fast else None
+        decoder = make_decoder(cache, am, max_new_tokens) if make_decoder else None
         tokens, logps = [], []
         for t in range(max_new_tokens):
             tok = _pick(logits, greedy, temperature, top_p, top_k, argmax_rows).masked_fill(done, pad_id)  # (B,)
@@ -335,21 +262,3 @@ def sample(
         prompts=rep(prompts), completions=texts, columns={k: rep(v) for k, v in columns.items()},
         sampler_logp=lp, group_size=num_samples,
     )
-
-
-def split_greedy(batch: Rollout, num_samples: int) -> tuple[Rollout, Rollout]:
-    """(the sampled rows, groups of ``num_samples``; the greedy rows, one per prompt) of a rollout
-    sampled with ``greedy_extra`` (groups of ``num_samples`` + 1 rows, the greedy one last)."""
-    per = num_samples + 1
-    rows = torch.arange(len(batch.completions), device=batch.completion_ids.device)
-    greedy = rows % per == per - 1  # (N (G + 1),)
-    return _trim(batch.select(rows[~greedy], group_size=num_samples)), _trim(batch.select(rows[greedy]))
-
-
-def _trim(batch: Rollout) -> Rollout:
-    """``batch`` without the completion columns that are padding in every row."""
-    T = max(int(batch.completion_mask.sum(1).max()), 1)
-    for name, val in batch.__dict__.items():
-        if isinstance(val, Tensor) and val.dim() == 2 and not name.startswith("prompt"):
-            setattr(batch, name, val[:, :T])
-    return batch

@@ -14,7 +14,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from pg_lm.run import RunWriter, to_dict, trim_logs
 from pg_lm.run.checkpoints import clear
 
 from . import cpu
-from .checkpoint import load_trainer_state, resumable
+from .checkpoint import TrainState, load_trainer_state, read_state, resumable
 from .policy import load_policy
 from .presets import describe, summary_line
 
@@ -66,6 +67,9 @@ def plan(cfg) -> Plan:
     if sharding == "deepspeed" and (cfg.micro_batch_size or cfg.minibatch_rows) < cfg.minibatch_rows:
         raise ValueError("--micro-batch-size: gradient accumulation over micro-batches is not supported under "
                          "DeepSpeed (its engine steps at every backward); leave it unset")
+    if sharding is not None and cfg.update == "trpo":
+        raise ValueError(f"--update trpo needs every process to hold the whole weights (DDP or one process); "
+                         f"this launch shards them ({sharding})")
     if sharding == "deepspeed" and cfg.resume:
         raise ValueError("--resume is not supported under DeepSpeed (its optimizer state is not saved); "
                          "launch with configs/accelerate/fsdp2.yaml or ddp.yaml to resume")
@@ -147,7 +151,7 @@ def _optimizer(params, cfg):
 def lr_factor(schedule: str, progress: float, step: int, warmup_steps: int) -> float:
     """The learning-rate multiplier for training step ``step`` (0-based): linear warm-up over
     ``warmup_steps`` steps, then ``constant`` 1, or ``linear`` / ``cosine`` decay to 0 as
-    ``progress`` (0..1, how far the run is: ``Trainer.progress``) goes."""
+    ``progress`` (0..1, how far the run is: ``TrainState.progress``) goes."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(max(progress, 0.0), 1.0)
@@ -158,65 +162,97 @@ def lr_factor(schedule: str, progress: float, step: int, warmup_steps: int) -> f
     return 1.0
 
 
-def build(trainer) -> None:
-    """Fill ``trainer`` with acc, tok, policy, ref, params, opt, sched, writer (resuming if asked)."""
+@dataclass
+class Parts:
+    """What a language-model run trains with, made by :func:`build`."""
+
+    acc: object  # the accelerate.Accelerator: device, precision, processes
+    tok: object  # the tokenizer
+    policy: torch.nn.Module  # pg_lm.lm.policy.Policy (LM + LoRA + value head), prepared by Accelerate
+    ref: torch.nn.Module | None  # the frozen reference for the KL (None: none, or LoRA's base is it)
+    params: list  # the trainable parameters (under FSDP2 the sharded ones)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    writer: RunWriter  # the run folder's outputs
+    cpu_layer: bool  # whether pg_lm/lm/cpu runs (cpu.resolve)
+    sampler: object | None = None  # the CPU layer's low-precision sampling copy (cpu.lowp.SamplerCopy)
+    param_names: dict = field(default_factory=dict)  # id(parameter) -> name in the policy, for the copy
+
+
+def build(cfg) -> tuple[Parts, TrainState]:
+    """The run's parts and its train state, resumed from the newest checkpoint when ``cfg.resume``
+    (a checkpoint that does not fit the config is refused before any model loads)."""
     from accelerate.utils import set_seed
 
-    cfg = trainer.cfg
     run = plan(cfg)  # before any model is loaded: a launch that cannot run fails here
-    trainer.cpu_layer = run.cpu_layer
-    trainer.acc = acc = make_accelerator(cfg, run)
+    if cfg.update == "trpo":  # without a value head AdamW never steps; the schedule still counts the steps
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+    acc = make_accelerator(cfg, run)
     set_seed(cfg.seed + acc.process_index, device_specific=False)
     resume = resumable(acc, cfg.output_dir) if cfg.resume else None  # the newest intact checkpoint
-    policy, trainer.tok = load_policy(
-        cfg.model, value_head=cfg.uses_value_head, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-        resume_dir=str(resume) if resume else None,
-    )
+    saved = read_state(resume, cfg) if resume is not None else None
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-    grouped = False
-    if run.cpu_layer and low is not None:
-        from .cpu.lowp import use_grouped_attention
-
-        grouped = use_grouped_attention(policy.lm)
-    trainer.ref = None
-    if (cfg.kl_coef > 0) and cfg.lora_r == 0:  # LoRA uses the base with the adapter disabled instead
-        # the reference is the model the run started from: a resumed policy is not it
-        ref = copy.deepcopy(policy) if resume is None else load_policy(cfg.model)[0]
-        ref.value_head = None
-        ref.requires_grad_(False)
-        trainer.ref = acc.prepare_model(ref.eval(), evaluation_mode=True)
+    policy, tok, ref, grouped = _models(cfg, acc, resume, run.cpu_layer and low is not None)
+    state = TrainState(kl_coef=cfg.kl_coef)
     opt = _optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda _: lr_factor(cfg.lr_schedule, trainer.progress(), trainer.step, cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(
+        cfg.lr_schedule, state.progress(cfg.max_steps, cfg.max_seconds), state.step, cfg.warmup_steps))
     # one call: FSDP2 shards the model and points the optimizer at the sharded parameters together
-    trainer.policy, trainer.opt, trainer.sched = acc.prepare(policy, opt, sched)
-    trainer.params = [p for p in trainer.policy.parameters() if p.requires_grad]  # (FSDP2: the sharded ones)
-    trainer.resumed_summary, trainer.prior_wall_s, trainer.skipped_steps = {}, 0.0, 0
-    if resume is not None:  # after loading the models, which draw from the generators it restores
-        load_trainer_state(trainer, resume)
+    policy, opt, sched = acc.prepare(policy, opt, sched)
+    parts = Parts(acc, tok, policy, ref, [p for p in policy.parameters() if p.requires_grad], opt, sched, None,
+                  run.cpu_layer)
+    if saved is not None:  # after loading the models, which draw from the generators it restores
+        load_trainer_state(state, acc, policy, opt, sched, saved)
         if acc.is_main_process:  # rows logged after the checkpoint describe steps that are redone now
-            trim_logs(cfg.output_dir, trainer.step)
-    trainer.sampler = None
+            trim_logs(cfg.output_dir, state.step)
     if run.cpu_layer and low is not None:
         from .cpu.lowp import SamplerCopy
 
         # made after the weights are final (resumed): sampling and evaluation read it (Trainer.sampling_lm)
-        trainer.sampler = SamplerCopy(acc.unwrap_model(trainer.policy).lm, low)
+        parts.sampler = SamplerCopy(acc.unwrap_model(policy).lm, low)
         # each parameter's name in the (possibly DDP-wrapped) policy, for forwards that take weights from the copy
-        trainer._param_names = {id(p): n for n, p in trainer.policy.named_parameters(remove_duplicate=False)}
+        parts.param_names = {id(p): n for n, p in policy.named_parameters(remove_duplicate=False)}
     if resume is None and acc.is_main_process and (n := clear(cfg.output_dir)):
         acc.print(f"starting over in {cfg.output_dir}: removed {n} checkpoint(s) of an earlier run (--resume continues one)")
-    trainer.writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
-                               trackers=acc.log if cfg.report_to != "none" else None, resume=resume is not None)
+    record = cpu_layer_record(cfg.cpu_layer, run, acc.unwrap_model(policy).lm, grouped, parts.sampler)
+    parts.writer = _writer(cfg, acc, resume is not None, record)
+    state.t0 = time.perf_counter()
+    return parts, state
+
+
+def _models(cfg, acc, resume, lowp_cpu: bool):
+    """(the policy, the tokenizer, the prepared frozen reference or None, whether attention runs
+    grouped): the policy from ``resume``'s weights when resuming; the reference is always the model
+    the run started from. ``lowp_cpu``: the CPU layer in bf16 / fp16 (grouped attention, cpu.lowp)."""
+    policy, tok = load_policy(
+        cfg.model, value_head=cfg.uses_value_head, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+        resume_dir=str(resume) if resume else None,
+    )
+    grouped = False
+    if lowp_cpu:
+        from .cpu.lowp import use_grouped_attention
+
+        grouped = use_grouped_attention(policy.lm)
+    if not (cfg.kl_coef > 0 and cfg.lora_r == 0):  # LoRA uses the base with the adapter disabled instead
+        return policy, tok, None, grouped
+    # the reference is the model the run started from: a resumed policy is not it
+    ref = copy.deepcopy(policy) if resume is None else load_policy(cfg.model)[0]
+    ref.value_head = None
+    ref.requires_grad_(False)
+    return policy, tok, acc.prepare_model(ref.eval(), evaluation_mode=True), grouped
+
+
+def _writer(cfg, acc, resumed: bool, cpu_layer: dict) -> RunWriter:
+    """The run folder's writer (and the trackers), with ``config.json`` written."""
+    writer = RunWriter(cfg.output_dir, enabled=acc.is_main_process,
+                       trackers=acc.log if cfg.report_to != "none" else None, resume=resumed)
     if cfg.report_to != "none":
         acc.init_trackers("pg_lm", config={k: str(v) for k, v in to_dict(cfg).items()})
-    trainer.writer.write_json("config.json", {**to_dict(cfg), "num_processes": acc.num_processes,
-                                              "distributed_type": str(acc.distributed_type).split(".")[-1],
-                                              "resolved_mixed_precision": acc.mixed_precision,
-                                              "cpu_layer": cpu_layer_record(cfg.cpu_layer, run, policy.lm, grouped, trainer.sampler),
-                                              "preset": describe(cfg)})
+    writer.write_json("config.json", {**to_dict(cfg), "num_processes": acc.num_processes,
+                                      "distributed_type": str(acc.distributed_type).split(".")[-1],
+                                      "resolved_mixed_precision": acc.mixed_precision,
+                                      "cpu_layer": cpu_layer, "preset": describe(cfg)})
     if cfg.loss_type is not None:
         acc.print(summary_line(cfg))
-    t0 = time.perf_counter()
-    trainer.elapsed = lambda: time.perf_counter() - t0 + trainer.prior_wall_s
+    return writer

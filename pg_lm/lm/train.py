@@ -57,7 +57,7 @@ def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
 
     from .cpu.process import apply_process_settings
     from .setup import plan
-    from .trainer import NonFiniteError
+    from .health import NonFiniteError
 
     cfg = parse_config(LMConfig, argv, prog=prog, **defaults)
     try:

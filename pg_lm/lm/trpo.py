@@ -42,6 +42,8 @@ from torch import Tensor
 
 from pg_lm.core import aggregate, kl_estimate, masked_sum, natural_gradient_step, policy_loss, value_loss
 
+from .health import QUANTITIES, nonfinite
+
 
 @contextmanager
 def twice_differentiable():
@@ -52,18 +54,17 @@ def twice_differentiable():
         yield
 
 
-def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
+def update(tr, batch, adv: Tensor, returns: Tensor | None) -> tuple[dict, str | None]:
     """One TRPO step of ``tr``'s policy on ``batch`` (advantages ``adv`` (B, T)), then the value head's
-    regression step when ``returns`` (B, T) are given. Returns the step's statistics; sets
-    ``tr._update_bad`` to the first non-finite quantity (then nothing moved)."""
+    regression step when ``returns`` (B, T) are given. Returns (the step's statistics, the first
+    non-finite quantity or None: then nothing moved)."""
     cfg, acc = tr.cfg, tr.acc
     policy = acc.unwrap_model(tr.policy)
     head = {id(p) for p in policy.value_head.parameters()} if policy.value_head is not None else set()
     params = [p for p in tr.params if id(p) not in head]  # what the natural step moves
     mask, ids = batch.completion_mask, batch.completion_ids  # (B, T)
-    reduce = None  # several processes: sums over them (see natural_gradient_step)
-    if acc.num_processes > 1:
-        reduce = lambda t: acc.reduce(t.reshape(-1).clone(), "sum").view_as(t)  # noqa: E731
+    # several processes: sums over them (see natural_gradient_step)
+    reduce = (lambda t: tr.coll.reduce(t.reshape(-1).clone(), "sum").view_as(t)) if acc.num_processes > 1 else None
     # global denominators: each process's loss and KL are its share of the whole batch's
     n_tok = float(reduce(mask.sum()) if reduce else mask.sum())
     n_seq = float(mask.shape[0] * acc.num_processes)
@@ -83,8 +84,8 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
         loss = agg(policy_loss(logp, old_logp, adv)[0])
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * agg(entropy)
-        if cfg.kl_in == "loss" and batch.ref_logp is not None and tr.kl_coef > 0:
-            loss = loss + tr.kl_coef * agg(kl_estimate(logp, batch.ref_logp, cfg.kl_estimator))
+        if cfg.kl_in == "loss" and batch.ref_logp is not None and tr.state.kl_coef > 0:
+            loss = loss + tr.state.kl_coef * agg(kl_estimate(logp, batch.ref_logp, cfg.kl_estimator))
         return -loss, entropy
 
     def mean_kl() -> Tensor:  # exact KL(π_old || π_θ) per position, mean over (every process's) completion tokens
@@ -97,11 +98,9 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
     before, entropy = objective(logq)
     total = reduce or (lambda t: t)  # every logged number is the whole batch's, the same on every process
     stats = {"loss/policy": -float(total(before.detach())),
-             "policy/entropy": float(total(masked_sum(entropy.detach(), mask))) / n_tok}
-    bad = "log-prob" if not bool(torch.isfinite(old_logp[mask.bool()]).all()) else None
-    if bad is None and not bool(torch.isfinite(before)):
-        bad = "loss"
-    bad = tr._agree(bad)  # every process takes the same branch
+             "policy/entropy": float(total(masked_sum(entropy.detach(), mask))) / n_tok, "perf/trained_frac": 1.0}
+    bad = nonfinite({"log-prob": old_logp}, mask) or (None if bool(torch.isfinite(before)) else "loss")
+    bad = tr.coll.first(QUANTITIES, bad)  # every process takes the same branch
     if bad is None:
         stats.update(natural_gradient_step(before, lambda: objective(log_probs())[0], mean_kl, params, cfg.max_kl,
                                            cfg.cg_iters, cfg.cg_damping, cfg.line_search_steps, cfg.backtrack_ratio,
@@ -113,15 +112,13 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> dict:
     if tr.sampler is not None:  # the sampling copy follows the weights (the next rollout reads it)
         tr.sampler.current = False
         tr.sampler.refresh()
-    tr._update_bad = bad
-    stats["perf/trained_frac"] = 1.0
-    return stats
+    return stats, bad
 
 
 def _fit_value_head(tr, policy, batch, returns: Tensor, agg, reduce) -> float:
     """One AdamW step of the value head alone on the value loss (the trunk gets no gradient); the
     forward is the unwrapped policy's (no DDP reducer waits for this gradient: it is summed here)."""
-    _, values, _ = tr._forward(batch, grad=True, model=policy)
+    _, values, _ = tr.forward(batch, grad=True, model=policy)
     old_v = batch.values if batch.values is not None else values.detach()
     vl = agg(value_loss(values, old_v, returns, tr.cfg.value_clip))
     head = list(policy.value_head.parameters())

@@ -175,8 +175,7 @@ def run_variance(cfg: VarianceConfig, progress=None, reward_fns=None, train_data
         rewards: list[float] = []
 
         def draw(i: int):
-            trainer.step = i  # the prompts of step i: every batch draws its own
-            batch, stats = trainer.rollout()
+            batch, stats = trainer.rollout(step=i)  # the prompts of step i: every batch draws its own
             rewards.append(float(stats["reward/mean"]))
             return batch
 
