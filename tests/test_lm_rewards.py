@@ -32,13 +32,13 @@ def named(name, fn):
         ([1.0, float("nan"), 0.0], 1, "nan"),
         ([1.0, 0.0, float("inf")], 2, "inf"),
         ([1.0, "good", 0.0], 1, "'good'"),
-        ([None, 1.0, 0.0], 0, "None"),
+        ([[0.0, 1.0], [0.0, None, 0.0, 0.0], [0.0]], 1, "None"),  # None is "not applicable" for a whole completion only
         ([[0.0, 1.0], [1.0, 2.0, 3.0], [0.0]], 1, "3 per-token rewards"),  # sample 1 has 4 tokens
         ([[0.0, 1.0], [0.0] * 4, [0.0, float("nan")]], 2, "nan"),
         (None, None, "NoneType"),
         (3.0, None, "float"),
     ],
-    ids=["count", "nan", "inf", "string", "none", "dense-length", "dense-nan", "returns-none", "returns-scalar"],
+    ids=["count", "nan", "inf", "string", "dense-none", "dense-length", "dense-nan", "returns-none", "returns-scalar"],
 )
 def test_bad_reward_output_names_function_and_sample(out, sample_idx, fragment):
     fn = named("my_broken_reward", lambda prompts, completions, **_: out)

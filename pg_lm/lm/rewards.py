@@ -1,22 +1,38 @@
 """Reward functions: plain callables, checked, weighted and combined. This docstring is the
-reward contract (docs/data-and-rewards.md shows it with examples).
+reward contract (docs/data-and-rewards.md shows it with examples). A function written for TRL's
+``GRPOTrainer`` meets it unchanged.
 
-**Call.** ``fn(prompts, completions, **columns)``, once per batch. ``prompts`` are as the dataset
-gives them (strings, or lists of chat messages); ``completions`` are the decoded texts (special
-tokens stripped); ``columns`` are the prompt dataset's other fields (e.g. ``answer``), one entry
-per completion. A function may also name these parameters, which are passed only to a function
-that names them: ``completion_ids`` (each completion's token ids, a list of ints, EOS included
-when sampled) and ``tokenizer`` (the policy's tokenizer).
+**Call.** Once per batch, with ``prompts`` as the dataset gives them (strings, or lists of chat
+messages), ``completions`` the decoded texts (special tokens stripped) and each of the prompt
+dataset's other fields (e.g. ``answer``) as a keyword, a list with one entry per completion. The
+signature picks the form (``reward_calling``): ``fn(prompts, completions, **columns)``, pg_lm's
+form, when the first two parameters take them by position (``def f(p, c, **columns)``); else
+TRL's, every argument by keyword (``def reward_len(completions, **kwargs)``,
+``def f(completions, topic, **kwargs)``). A function may also name these, passed only to a
+function that names them: ``completion_ids`` (each completion's token ids, a list of ints, EOS
+included when sampled), ``tokenizer`` (the policy's tokenizer), ``trainer_state`` (TRL's training
+progress; ``RewardSet.trainer_state``, None unless set), and TRL's ``log_extra`` / ``log_metric``
+(accepted, and ignored). A function without ``**kwargs`` gets only the keywords it names.
 
-**Columns it needs.** A parameter after ``completions`` without a default (other than
-``completion_ids`` / ``tokenizer``) names a dataset column the function needs: a dataset without
-it is an error before training starts. ``**columns`` takes whatever columns there are.
+**Completions.** Each is its text (a ``str``) that also reads as the one-message list TRL passes
+for a chat prompt: ``completion[0]["content"]`` is the text, ``completion[0]["role"]`` is
+``"assistant"``. So ``c.strip()`` and TRL's ``[c[0]["content"] for c in completions]`` both work,
+whatever the prompt.
+
+**Columns it needs.** A parameter without a default that is not one of the above names a
+dataset column the function needs: a dataset without it is an error before training starts.
+``**columns`` takes whatever columns there are.
 
 **Return.** One value per completion: a number (the reward arrives at the completion's last
 token), or, for a dense reward, a list of numbers with one entry per completion token, i.e.
-``len(completion_ids[i])`` entries. A number may be a Python or NumPy number, a 0-d tensor, or a
-bool (True counts 1.0, False 0.0); NaN, inf and anything else are an error naming the function
-and the sample.
+``len(completion_ids[i])`` entries, or None: not applicable to this completion (as in TRL). A
+number may be a Python or NumPy number, a 0-d tensor, or a bool (True counts 1.0, False 0.0);
+NaN, inf and anything else are an error naming the function and the sample.
+
+**None.** A None adds nothing to the weighted sum (TRL's ``nansum`` over functions) and counts 0
+in the function's own total (``reward/<name>``). A completion that every function left None
+scores 0 with a :class:`RewardWarning`; TRL instead leaves it out of its group's baseline. Under a
+group baseline a group left None throughout gets zero advantages either way.
 
 **Async.** A function may be ``async def``: it is awaited; several async functions of one
 ``RewardSet`` are awaited concurrently (one event loop, ``asyncio.gather``). ``--reward-timeout``
@@ -31,6 +47,10 @@ reported as ``reward/<name>``.
 >>> per_fn, dense = rs.score(["p", "p"], ["ab", "abcd"], {}, lengths=[2, 3])
 >>> per_fn["shorter_is_better"].tolist(), dense.tolist()
 ([-0.5, -1.0], [[0.0, -0.5, 0.0], [0.0, 0.0, -1.0]])
+>>> def reward_len(completions, **kwargs):  # TRL's form
+...     return [-abs(4 - len(c)) for c in completions]
+>>> RewardSet([reward_len]).score(["p", "p"], ["ab", "abcd"], {}, lengths=[2, 3])[0]["reward_len"].tolist()
+[-2.0, 0.0]
 """
 
 from __future__ import annotations
@@ -39,18 +59,24 @@ import asyncio
 import inspect
 import math
 import threading
+import warnings
 from numbers import Real
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .reward_calling import arguments, as_completions, needed_columns
+
 RewardFn = Callable[..., list]
-INJECTED = ("completion_ids", "tokenizer")  # passed to a reward function that names them; not dataset columns
 
 
 class RewardError(RuntimeError):
     """A reward function raised or returned something unusable; names the function and sample."""
+
+
+class RewardWarning(UserWarning):
+    """Every reward function returned None (not applicable) for a completion, which then scores 0."""
 
 
 def reward_name(fn) -> str:
@@ -74,27 +100,6 @@ def _check_number(name: str, i: int, x, completion: str) -> float:
     if not math.isfinite(x):
         raise RewardError(f"reward function {name!r} returned {x} for sample {i} ({completion[:60]!r})")
     return x
-
-
-def needed_columns(fn) -> list[str]:
-    """The dataset columns ``fn`` needs: its parameters after ``(prompts, completions)`` that
-    have no default (a ``**columns`` catch-all needs none)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # a builtin or an object inspect cannot read
-        return []
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    rest = params[2:] if all(p.kind in positional for p in params[:2]) else params
-    return [p.name for p in rest if p.default is p.empty and p.name not in INJECTED
-            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-
-
-def _names_parameter(fn, name: str) -> bool:
-    """Whether ``fn``'s signature names ``name`` (a ``**kwargs`` catch-all does not count)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def is_async(fn) -> bool:
@@ -149,19 +154,10 @@ def _within(timeout: float | None, name: str, fn, *args, **kwargs):
     return box["out"]
 
 
-def _arguments(fn, columns: dict, extras: dict | None) -> dict:
-    """The keyword arguments of ``fn``: the columns, and each of ``extras`` (``completion_ids``,
-    ``tokenizer``) that ``fn`` names."""
-    kw = dict(columns)
-    for key, value in (extras or {}).items():
-        if value is not None and _names_parameter(fn, key):
-            kw[key] = value() if callable(value) and key == "completion_ids" else value
-    return kw
-
-
 def _invoke(fn, prompts, completions, columns: dict, extras: dict | None):
-    """One call of ``fn``, awaited when it is async."""
-    out = fn(prompts, completions, **_arguments(fn, columns, extras))
+    """One call of ``fn`` (positional or by keyword, see ``reward_calling``), awaited when it is async."""
+    args, kwargs = arguments(fn, prompts, completions, columns, extras)
+    out = fn(*args, **kwargs)
     if inspect.isawaitable(out):
         async def wait():
             return await out
@@ -173,27 +169,39 @@ def _user_error(name: str, e: Exception) -> RewardError:
     return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}")
 
 
-def call_reward(fn, prompts: list, completions: list[str], columns: dict, lengths: Sequence[int],
-                timeout: float | None = None, extras: dict | None = None) -> Tensor:
-    """Call one reward function (within ``timeout`` seconds; awaited when async) and validate its
-    output -> (B, T) dense rewards. ``extras``: ``completion_ids`` (a list per completion, or a
-    function making it) and ``tokenizer``, passed when ``fn`` names them.
-
-    Scalars land on each completion's last token; per-token lists must have one entry
-    per completion token. ``lengths`` are completion lengths in tokens.
-    """
-    name = reward_name(fn)
+def _call(fn, name: str, prompts, completions, columns: dict, extras: dict | None, timeout: float | None):
+    """``fn``'s raw output (within ``timeout`` seconds; awaited when async); what it raises becomes
+    a RewardError naming it."""
     try:
-        out = _within(timeout, name, _invoke, fn, prompts, completions, columns, extras)
+        return _within(timeout, name, _invoke, fn, prompts, completions, columns, extras)
     except RewardError:
         raise
     except Exception as e:  # the user's code: say whose it was and stop
         raise _user_error(name, e) from e
+
+
+def call_reward(fn, prompts: list, completions: list[str], columns: dict, lengths: Sequence[int],
+                timeout: float | None = None, extras: dict | None = None) -> Tensor:
+    """Call one reward function (within ``timeout`` seconds; awaited when async) and validate its
+    output -> (B, T) dense rewards. ``extras``: ``completion_ids`` (a list per completion, or a
+    function making it), ``tokenizer`` and ``trainer_state``, passed when ``fn`` names them.
+
+    Scalars land on each completion's last token; per-token lists must have one entry
+    per completion token; None (not applicable) is a row of zeros. ``lengths`` are completion
+    lengths in tokens.
+    """
+    name = reward_name(fn)
+    out = _call(fn, name, prompts, as_completions(completions), columns, extras, timeout)
     return to_dense(name, out, completions, lengths)
 
 
 def to_dense(name: str, out, completions: list[str], lengths: Sequence[int]) -> Tensor:
     """A reward function's output, validated -> (B, T) dense rewards (see the module docstring)."""
+    return _dense(name, out, completions, lengths)[0]
+
+
+def _dense(name: str, out, completions: list[str], lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """:func:`to_dense`, and (B,) bool: whether the function scored each completion (not None)."""
     try:
         out = list(out)
     except TypeError:
@@ -203,6 +211,8 @@ def to_dense(name: str, out, completions: list[str], lengths: Sequence[int]) -> 
     T = max(max(lengths, default=1), 1)
     dense = torch.zeros(len(out), T)  # host: built from Python numbers; the trainer moves it to its device
     for i, (x, n) in enumerate(zip(out, lengths)):
+        if x is None:  # not applicable to this completion (TRL's None): nothing from this function
+            continue
         if _is_per_token(x):
             vals = [_check_number(name, i, v, completions[i]) for v in (x if isinstance(x, (list, tuple)) else x.tolist())]
             if len(vals) != n:
@@ -211,7 +221,7 @@ def to_dense(name: str, out, completions: list[str], lengths: Sequence[int]) -> 
             dense[i, :n] = torch.tensor(vals)  # host: into the host tensor above
         else:
             dense[i, max(n - 1, 0)] = _check_number(name, i, x, completions[i])
-    return dense
+    return dense, torch.tensor([x is not None for x in out], dtype=torch.bool)  # host, like dense
 
 
 def _gather(fns, names, prompts, completions, columns: dict, extras: dict | None, timeout: float | None) -> list:
@@ -220,7 +230,8 @@ def _gather(fns, names, prompts, completions, columns: dict, extras: dict | None
     done: set[int] = set()
 
     async def one(i, fn):
-        out = await fn(prompts, completions, **_arguments(fn, columns, extras))
+        args, kwargs = arguments(fn, prompts, completions, columns, extras)
+        out = await fn(*args, **kwargs)
         done.add(i)
         return out
 
@@ -247,6 +258,7 @@ class RewardSet:
 
     def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] | None = None, timeout: float | None = None):
         self.timeout = timeout  # seconds per call of each function (None = no limit)
+        self.trainer_state = None  # what a function naming ``trainer_state`` gets (TRL: the training progress)
         if not fns:
             raise ValueError("at least one reward function is needed")
         self.fns = list(fns)
@@ -274,8 +286,10 @@ class RewardSet:
     def score(self, prompts, completions, columns, lengths, completion_ids: Tensor | None = None,
               tokenizer=None) -> tuple[dict[str, Tensor], Tensor]:
         """-> ({name: (B,) total reward of that function}, (B, T) weighted dense reward).
-        ``completion_ids`` (B, T) and ``tokenizer`` reach the functions that name them; async
-        functions are awaited together."""
+        ``completion_ids`` (B, T), ``tokenizer`` and :attr:`trainer_state` reach the functions that
+        name them; async functions are awaited together. A None from a function adds nothing to the
+        weighted sum (TRL's nansum) and counts 0 in its total; a completion that every function
+        left None scores 0, with a warning."""
         def ids():  # made once, and only when a function asks for it
             if "ids" not in cache:
                 rows = completion_ids.tolist()
@@ -283,21 +297,25 @@ class RewardSet:
             return cache["ids"]
 
         cache: dict = {}
-        extras = {"completion_ids": ids if completion_ids is not None else None, "tokenizer": tokenizer}
+        extras = {"completion_ids": ids if completion_ids is not None else None, "tokenizer": tokenizer,
+                  "trainer_state": self.trainer_state}
+        texts, completions = completions, as_completions(completions)
         asyncs = [i for i, fn in enumerate(self.fns) if is_async(fn)]
         outs = {}
         if len(asyncs) > 1:
             got = _gather([self.fns[i] for i in asyncs], [self.names[i] for i in asyncs], prompts, completions,
                           columns, extras, self.timeout)
             outs = dict(zip(asyncs, got))
-        per_fn, total = {}, None
+        per_fn, total, scored = {}, None, None
         for i, (fn, w, name) in enumerate(zip(self.fns, self.weights, self.names)):
-            if i in outs:
-                dense = to_dense(name, outs[i], completions, lengths)
-            else:
-                dense = call_reward(fn, prompts, completions, columns, lengths, self.timeout, extras)
+            out = outs[i] if i in outs else _call(fn, name, prompts, completions, columns, extras, self.timeout)
+            dense, applied = _dense(name, out, texts, lengths)
             per_fn[name] = dense.sum(1)
             total = w * dense if total is None else total + w * dense
+            scored = applied if scored is None else scored | applied
+        if not scored.all():
+            warnings.warn(f"every reward function ({', '.join(self.names)}) returned None for some completions "
+                          "(not applicable): they score 0", RewardWarning, stacklevel=2)
         return per_fn, total
 
 
