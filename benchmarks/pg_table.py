@@ -28,7 +28,7 @@ one row per baseline of ``pg_lm.lm.variance.ESTIMATORS``:
   its samples as anchors).
 
 Outputs in ``--output-dir``: ``gym.json`` / ``lm.json`` (every run, curve and variance result),
-``table.md`` and its short form ``table_summary.md`` (the README's tables), made from whichever JSONs are
+``table.md`` (BENCHMARKS.md section 10) and its short form ``table_summary.md``, made from whichever JSONs are
 there (``--part render`` remakes them). Run on an idle machine.
 
     python benchmarks/pg_table.py --part gym --output-dir runs/table
@@ -284,7 +284,7 @@ def render(out: Path) -> str:
 
 
 def render_summary(out: Path) -> str:
-    """``table_summary.md``: the README's form of the tables -- both envs side by side, then the language model."""
+    """``table_summary.md``: the tables in short -- both envs side by side, then the language model."""
     parts = []
     gym = out / "gym.json"
     if gym.is_file():
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
         lm_part(args, out)
     print(render(out))
     render_summary(out)
-    print(f"(the README's form: {out / 'table_summary.md'})")
+    print(f"(in short: {out / 'table_summary.md'})")
     return 0
 
 

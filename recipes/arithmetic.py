@@ -14,7 +14,7 @@ from pg_lm.lm.train import run_cli, train
 # baseline over 8 samples per prompt (RLOO), 16 new tokens (the evaluation's budget too), LoRA r16
 # at lr 2e-4 with cosine decay (full fine-tuning: --lora-r 0 --lr 2e-5); bf16 autocast (fp32 master
 # weights) where the hardware makes it faster. It adds only a time budget, over which the cosine
-# decays, and its output folder (flags override them). Its results: README "Quickstart".
+# decays, and its output folder (flags override them). Its results: BENCHMARKS.md section 11.
 DEFAULTS = dict(
     task="arithmetic",
     output_dir="runs/arithmetic",

@@ -1,4 +1,4 @@
-"""Tier (a) tests for pg_lm/core/advantages.py: hand-computed numbers for small cases.
+"""pg_lm/core/advantages.py against numbers computed by hand for small cases.
 
 Conventions under test (module docstring of advantages.py): rewards[:, t] is the reward
 for the action at step t, values[:, t] = V(s_t), next_values[:, t] = V(s_{t+1});

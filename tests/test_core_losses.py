@@ -1,4 +1,4 @@
-"""Tier (a) tests for pg_lm/core/losses.py: hand-computed numbers for small cases."""
+"""pg_lm/core/losses.py against numbers computed by hand for small cases."""
 
 from __future__ import annotations
 

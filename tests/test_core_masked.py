@@ -1,4 +1,4 @@
-"""Tier (a) tests for pg_lm/core/masked.py: hand-computed numbers for small cases.
+"""pg_lm/core/masked.py against numbers computed by hand for small cases.
 
 The reference-loop comparisons on random inputs live in test_core_reference.py.
 """

@@ -1,4 +1,4 @@
-"""Tier (b) tests: every vectorised core function against a plain Python loop.
+"""Every vectorised core function against a plain Python loop.
 
 The reference implementations below work on nested lists of Python floats, one scalar
 at a time, and are written from the documented definitions rather than from the
@@ -416,7 +416,7 @@ def test_aggregate_matches_loop(g, mode, n_tok, n_seq, norm_len):
     close(got, want)
 
 
-# ================================================== micro-batch invariance (tier b)
+# ======================================= micro-batch invariance: parts against the whole
 
 
 def _trim(mask):

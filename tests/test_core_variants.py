@@ -1,4 +1,4 @@
-"""Tier (a) tests of the loss variants in pg_lm/core against hand-computed numbers: GSPO's
+"""The loss variants in pg_lm/core against hand-computed numbers: GSPO's
 sequence-level ratio, dual-clip PPO, the clip fractions, global (REINFORCE++) whitening, DAPO's
 zero-spread groups and the sampler-learner importance weights."""
 

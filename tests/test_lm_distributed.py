@@ -1,4 +1,4 @@
-"""Tier (b): the loss is normalised by GLOBAL counts, so the gradient of one update does not
+"""The loss is normalised by GLOBAL counts, so the gradient of one update does not
 depend on how the batch is split into processes or micro-batches (veRL #5625, TRL #5619).
 
 ``dist_grad_worker.py`` computes the gradient of ``Trainer.update`` on a fixed 8-row batch

@@ -1,4 +1,4 @@
-"""Tier (a): ``pg_lm.lm.estimate`` (rollout -> per-token advantages) against hand-computed numbers.
+"""``pg_lm.lm.estimate`` (rollout -> per-token advantages) against hand-computed numbers.
 
 Batch used throughout: one group of G = 4 completions with lengths 3, 2, 4, 1 tokens and
 terminal scores s = [1, 0, 0, 1] on each completion's last token (γ = 1).

@@ -1,4 +1,4 @@
-"""Tier (d): a tiny random model learns a toy reward in a few seconds.
+"""A tiny random model learns a toy reward in a few seconds.
 
 The reward is the fraction of digits in a 4-character completion: about 0.1 for the
 random model (10 of ~100 tokens), 1.0 when it writes only digits. The reward is dense

@@ -1,4 +1,4 @@
-"""Tier (d): every language-model recipe runs end to end on the tiny model with a tiny
+"""Every language-model recipe runs end to end on the tiny model with a tiny
 budget, as a user would run it (a subprocess with flags), and leaves every output."""
 
 from __future__ import annotations

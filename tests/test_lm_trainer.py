@@ -1,4 +1,4 @@
-"""Tier (c): tiny-model training steps through the one Trainer.
+"""Training steps of a tiny random model through the one Trainer.
 
 A step changes the parameters (and nothing when every advantage is 0); LoRA leaves the
 base untouched and checkpoints the adapter alone; KL to the reference is 0 before the

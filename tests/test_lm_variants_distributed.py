@@ -1,4 +1,4 @@
-"""Tier (b): REINFORCE++'s advantages are normalised over the GLOBAL batch (Hu 2025): 2 processes,
+"""REINFORCE++'s advantages are normalised over the GLOBAL batch (Hu 2025): 2 processes,
 each holding half of a fixed batch (``dist_whiten_worker.py``, DDP over gloo), get the advantages
 that one process gets with the whole batch."""
 

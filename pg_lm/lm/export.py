@@ -62,7 +62,7 @@ def load_trained(model: str | None, adapter: Path | None, dtype=None):
     from transformers import AutoModelForCausalLM
 
     from .models import resolve_model
-    from .policy import load_tokenizer
+    from .policy import load_tokenizer, peft_wrapping
 
     dtype = dtype or torch.float32
     name = base_model(adapter, model) if adapter is not None else model
@@ -74,7 +74,8 @@ def load_trained(model: str | None, adapter: Path | None, dtype=None):
         from peft import PeftModel
 
         try:
-            lm = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
+            with peft_wrapping():
+                lm = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, target modules not found, ...
             lines = str(e).strip().splitlines() or [""]
             detail = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0].strip())[:200]

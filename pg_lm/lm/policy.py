@@ -6,6 +6,9 @@ positions (``logits_to_keep``): logits over the prompt would be wasted work.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -109,6 +112,19 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@contextlib.contextmanager
+def peft_wrapping():
+    """Silence, around wrapping a model with peft, the one FutureWarning peft < 0.22 triggers there:
+    ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, a property transformers 5.x
+    deprecated in favour of ``is_activation_checkpointing`` (peft 0.22 reads the new name). The
+    warning names a property pg_lm never uses, so a user can do nothing about it. Only that message,
+    raised from transformers' ``modeling_utils``, and only inside this block, is ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                module=r"transformers\.modeling_utils")
+        yield
+
+
 def load_tokenizer(path: str, model_name: str):
     """The tokenizer at ``path`` (``--model model_name`` resolved), padding on the left (generation
     appends on the right), with a pad token (masks come from lengths, so pad == EOS is harmless)."""
@@ -157,15 +173,17 @@ def load_policy(
     if lora_r > 0 and resume_dir is not None:
         from peft import PeftModel
 
-        lm = PeftModel.from_pretrained(lm, resume_dir, is_trainable=True)
+        with peft_wrapping():
+            lm = PeftModel.from_pretrained(lm, resume_dir, is_trainable=True)
     elif lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         target = lora_target_modules if isinstance(lora_target_modules, str) or len(lora_target_modules) != 1 else lora_target_modules[0]
-        lm = get_peft_model(
-            lm, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           target_modules=target, task_type="CAUSAL_LM")
-        )
+        with peft_wrapping():
+            lm = get_peft_model(
+                lm, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                               target_modules=target, task_type="CAUSAL_LM")
+            )
     policy = Policy(lm, value_head=value_head)
     if value_head and resume_dir is not None:
         policy.value_head.load_state_dict(torch.load(f"{resume_dir}/value_head.pt", weights_only=True))
