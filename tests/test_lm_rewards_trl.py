@@ -321,3 +321,18 @@ def test_cli_trains_on_chat_prompts_with_trl_reward_functions(trl_files, tiny_lm
     row = read_jsonl(out / "metrics.jsonl")[0]
     assert -20 <= row["reward/reward_len"] <= -16 and 0 <= row["reward/mentions_topic"] <= 1
     assert row["reward/mean"] == pytest.approx(row["reward/reward_len"] + row["reward/mentions_topic"], abs=1e-5)
+
+
+def test_the_trainer_passes_its_progress_as_trainer_state(tiny_lm_dir, tmp_path):
+    """A function naming ``trainer_state`` reads the step under way and the step budget, as TRL's
+    ``TrainerState.global_step`` / ``max_steps``."""
+    seen = []
+
+    def by_progress(completions, trainer_state, **kwargs):
+        seen.append((trainer_state.global_step, trainer_state.max_steps))
+        return [0.0] * len(completions)
+
+    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[by_progress], max_steps=3)
+    tr.train_step()
+    tr.train_step()
+    assert seen == [(0, 3), (1, 3)]

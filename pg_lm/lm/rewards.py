@@ -11,7 +11,8 @@ TRL's, every argument by keyword (``def reward_len(completions, **kwargs)``,
 ``def f(completions, topic, **kwargs)``). A function may also name these, passed only to a
 function that names them: ``completion_ids`` (each completion's token ids, a list of ints, EOS
 included when sampled), ``tokenizer`` (the policy's tokenizer), ``trainer_state`` (TRL's training
-progress; ``RewardSet.trainer_state``, None unless set), and TRL's ``log_extra`` / ``log_metric``
+progress, ``global_step`` and ``max_steps``: ``RewardSet.trainer_state``, which the trainer sets
+each step; None outside training), and TRL's ``log_extra`` / ``log_metric``
 (accepted, and ignored). A function without ``**kwargs`` gets only the keywords it names.
 
 **Completions.** Each is its text (a ``str``) that also reads as the one-message list TRL passes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -154,6 +155,8 @@ class Trainer:
         those of the first sampling round (the policy's own draws, with or without dynamic sampling)."""
         cfg, step = self.cfg, self.state.step if step is None else step
         lm, context = self.sampling_lm()
+        # what TRL's reward functions read as ``trainer_state`` (the progress of the run)
+        self.rewards.trainer_state = SimpleNamespace(global_step=step, max_steps=cfg.max_steps)
         t0 = time.perf_counter()
         self.policy.eval()
         batch, per_fn = self._draw(*self.prompts(step), lm, context)
