@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from pg_lm.core import masked_mean, masked_sum, masked_var, masked_whiten

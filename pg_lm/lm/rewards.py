@@ -222,7 +222,7 @@ def _dense(name: str, out, completions: list[str], lengths: Sequence[int]) -> tu
             dense[i, :n] = torch.tensor(vals)  # host: into the host tensor above
         else:
             dense[i, max(n - 1, 0)] = _check_number(name, i, x, completions[i])
-    return dense, torch.tensor([x is not None for x in out], dtype=torch.bool)  # host, like dense
+    return dense, torch.tensor([x is not None for x in out], dtype=torch.bool)  # host: like dense
 
 
 def _gather(fns, names, prompts, completions, columns: dict, extras: dict | None, timeout: float | None) -> list:
