@@ -15,7 +15,7 @@ from pg_lm.gym import GymConfig, load_policy, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"env_steps", "charts/episodic_return", "charts/episodic_length", "loss/policy", "loss/value",
-               "policy/entropy", "policy/clip_frac", "policy/approx_kl", "value/explained_var", "perf/steps_per_s"}
+               "policy/entropy", "policy/clip_frac", "policy/approx_kl_k3", "value/explained_var", "perf/steps_per_s"}
 
 
 def _rows(out: Path) -> list[dict]:

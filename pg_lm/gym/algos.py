@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from pg_lm.core import aggregate, discounted_returns, gae, kl_estimate, masked_mean, masked_var, masked_whiten
+from pg_lm.core import aggregate, approx_kl, discounted_returns, explained_variance, gae, masked_mean, masked_whiten
 from pg_lm.core import policy_loss, value_loss
 
 from .config import GymConfig
@@ -86,12 +86,6 @@ ALGOS: dict[str, Algo] = {
 }
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """``1 - Var[R - V] / Var[R]`` over unmasked steps (1 = perfect critic, <= 0 = useless)."""
-    var_r = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
-
-
 def minibatch_loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, algo: Algo) -> tuple[Tensor, dict]:
     """The scalar loss of one minibatch of flattened steps (M,) and its statistics."""
     logp, entropy, values = policy.evaluate(mb["obs"], mb["actions"])  # (M,) each
@@ -103,8 +97,7 @@ def minibatch_loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, a
     ent = aggregate(entropy, mask)
     loss = pg_loss - cfg.ent_coef * ent
     stats = {"loss/policy": pg_loss, "policy/entropy": ent, "policy/clip_frac": masked_mean(clipped, mask),
-             # KL(π_old || π) from samples of π_old: k3 with "π" = π_old, "ref" = π (CleanRL's approx_kl)
-             "policy/approx_kl": masked_mean(kl_estimate(mb["logp"], logp.detach(), "k3"), mask)}
+             "policy/approx_kl_k3": masked_mean(approx_kl(logp.detach(), mb["logp"]), mask)}
     if algo.critic:
         v_clip = cfg.clip_value if algo.ppo and cfg.clip_value > 0 else None
         v_loss = aggregate(value_loss(values, mb["values"], mb["returns"], v_clip), mask)
@@ -152,5 +145,5 @@ def update(policy: ActorCritic, opt: torch.optim.Optimizer, batch: Rollout, adv:
                 stats[k].append(float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     if algo.critic:
-        out["value/explained_var"] = explained_variance(batch.values, returns, batch.mask)
+        out["value/explained_var"] = float(explained_variance(batch.values, returns, batch.mask))
     return out

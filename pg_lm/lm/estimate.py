@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from pg_lm.core import (
@@ -86,10 +85,3 @@ def advantages(
         adv = adv / (group_std(g0, group_size)[:, None] + eps)
     return adv, None
 
-
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """``1 - Var(R - V) / Var(R)`` over real tokens (1 = perfect critic, <= 0 = useless)."""
-    m = mask.bool()
-    r, v = returns[m], values[m]
-    var = r.var() if r.numel() > 1 else torch.tensor(0.0, device=r.device)
-    return float("nan") if var == 0 else float(1 - (r - v).var() / var)
