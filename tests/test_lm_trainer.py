@@ -139,7 +139,7 @@ def test_kl_is_zero_before_the_first_update(tiny_lm_dir, tmp_path, lora_r, kl_in
 
 def test_gae_with_ppo_clipping_logs_value_and_clip_metrics(tiny_lm_dir, tmp_path):
     tr = make_trainer(tiny_lm_dir, tmp_path, estimator="gae", ppo_epochs=2, num_minibatches=2, clip_low=0.2,
-                      lr=3e-2, lam=0.9, vf_coef=0.5)
+                      lr=3e-2, gae_lambda=0.9, vf_coef=0.5)
     assert tr.cfg.clip_high == 0.2
     vh = unwrap(tr).value_head
     assert vh is not None

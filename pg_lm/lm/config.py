@@ -117,7 +117,7 @@ class LMConfig(PromptConfig):
     whiten_advantages: bool = arg(False, "whiten advantages over the global batch, every process's tokens "
                                   "(mean 0, std 1; REINFORCE++)")
     gamma: float = arg(1.0, "discount per token")
-    lam: float = arg(0.95, "GAE λ")
+    gae_lambda: float = arg(0.95, "GAE λ (--estimator gae)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     num_minibatches: int = arg(1, "optimizer steps per pass (the rollout is split into this many)")
     micro_batch_size: int | None = arg(None, "rows per forward/backward (gradient accumulation); None = whole minibatch")
@@ -126,7 +126,8 @@ class LMConfig(PromptConfig):
     clip_ratio_c: float | None = arg(None, "dual-clip PPO: the loss of a negative advantage is at most -A·c (c > 1; None = off)")
     ratio_level: str = arg("token", "importance ratio of the policy loss: per token (PPO, GRPO) or per sequence, "
                            "length-normalised and clipped per sequence (GSPO)", RATIO_LEVELS)
-    value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off)")
+    value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off; the classic-control backend's "
+                                   "off is 0)")
     vf_coef: float = arg(0.1, "value-loss coefficient")
     skip_zero_advantage: bool = arg(True, "leave rows whose advantage is 0 on every token out of the backward "
                                     "pass when they cannot change the gradient (no value loss, entropy or KL loss)")
@@ -222,8 +223,8 @@ class LMConfig(PromptConfig):
         for name in ("max_grad_norm", "clip_low", "clip_high", "value_clip"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (or None for off), got {getattr(self, name)}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"--gamma and --gae-lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
 
     def _check_estimator(self) -> None:
         """The estimator, its baseline and the KL penalty fit together and with the group size."""

@@ -1,7 +1,7 @@
 """From a scored rollout to per-token advantages: the one place the estimators differ.
 
 ``--estimator reinforce``: return-to-go per token (γ, default 1) minus a baseline.
-``--estimator gae``: GAE(γ, λ) over the value head's estimates. Both call the core.
+``--estimator gae``: GAE(γ, λ = ``--gae-lambda``) over the value head's estimates. Both call the core.
 """
 
 from __future__ import annotations
