@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # row -> (the textbook's method, its baseline, GymConfig fields over pg_lm's per-env defaults)
 GYM_ROWS = {
-    "reinforce": ("REINFORCE", "none (raw returns)", dict(algo="reinforce", norm_adv=False)),
+    "reinforce": ("REINFORCE", "none (raw returns)", dict(algo="reinforce", whiten_advantages=False)),
     "reinforce-whitened": ("REINFORCE", "batch mean, std-scaled (whitened returns)", dict(algo="reinforce")),
     "reinforce-baseline": ("REINFORCE + baseline", "V(s)", dict(algo="reinforce-baseline")),
     "a2c": ("A2C", "V(s), GAE", dict(algo="a2c")),
@@ -95,7 +95,8 @@ def gym_part(args, out: Path) -> dict:
             for row in args.gym_rows:
                 r = cartpole.run_pg_lm(ns, seed, f"{tmp}/{env}-{row}-{seed}", overrides=GYM_ROWS[row][2])
                 r["config"] = {k: r["config"][k] for k in ("algo", "total_steps", "num_envs", "n_steps", "lr",
-                                                           "gamma", "gae_lambda", "norm_adv", "reward_norm")}
+                                                           "gamma", "gae_lambda", "whiten_advantages",
+                                                           "reward_norm")}
                 runs[row].append(r)
                 done = f"{r['time_to_target_s']:.2f} s, {r['steps_to_target']} steps" if r["reached"] else "not reached"
                 print(f"{env} seed {seed} {row}: {done}", flush=True)

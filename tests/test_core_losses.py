@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pg_lm.core import aggregate, entropy_from_logits, kl_estimate, policy_loss, value_loss
+from pg_lm.core import aggregate, approx_kl, entropy_from_logits, kl_estimate, policy_loss, value_loss
 
 F = torch.float64
 LN2 = math.log(2.0)
@@ -73,6 +73,29 @@ def test_kl_k3_nonnegative_for_small_gaps(dtype):
     ref = torch.cat([torch.linspace(-1e-2, 1e-2, 4001, dtype=F), tiny]).to(dtype)[None]  # (1, T)
     k3 = kl_estimate(torch.zeros_like(ref), ref, "k3")
     assert (k3 >= 0).all(), f"min k3 = {k3.min().item()}"
+
+
+# ----------------------------------------------------------------------- approx_kl
+
+
+def test_approx_kl_hand_values():
+    """k3 of KL(π_old || π_θ) per token, r = π_θ / π_old: r - 1 - log r."""
+    new = t([[math.log(0.5), math.log(0.25), math.log(0.3)]])
+    old = t([[math.log(0.25), math.log(0.5), math.log(0.3)]])
+    # r = 2: 2 - 1 - ln 2 = .3068528; r = 1/2: .5 - 1 + ln 2 = .1931472; r = 1: 0
+    close(approx_kl(new, old), [[1 - LN2, LN2 - 0.5, 0.0]])
+
+
+def test_approx_kl_estimates_kl_from_old_to_new_under_old_samples():
+    """Averaged over the old policy's actions it is exactly KL(π_old || π_θ) (sum_a π_old r = 1),
+    which differs from the reverse KL(π_θ || π_old) for these two distributions."""
+    p_old, p_new = t([0.98, 0.01, 0.01]), t([0.5, 0.25, 0.25])  # KL .595, reverse KL 1.273
+    expected = (p_old * (p_old / p_new).log()).sum()
+    reverse = (p_new * (p_new / p_old).log()).sum()
+    got = (p_old * approx_kl(p_new.log()[None], p_old.log()[None])[0]).sum()
+    close(got, expected)
+    assert abs(float(got - reverse)) > 0.1
+    close(approx_kl(p_new.log()[None], p_old.log()[None]), kl_estimate(p_old.log()[None], p_new.log()[None], "k3"))
 
 
 # ----------------------------------------------------------------------- policy_loss

@@ -22,7 +22,8 @@ import torch
 from gymnasium.envs.classic_control import CartPoleEnv
 
 from pg_lm.cli import main as cli_main
-from pg_lm.run.checkpoints import LAST, checkpoints, step_of
+from pg_lm.run.checkpoints import CHECKSUMS, LAST, checkpoints, sha256, step_of
+from pg_lm.run.config import ALIASES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -32,13 +33,13 @@ TIMING = ("perf/", "train_s", "wall_s", "time_to_target_s")
 CASES = {
     "cartpole-reinforce": ["--env", "CartPole-v1", "--algo", "reinforce", "--num-envs", "2", "--n-steps", "8",
                            "--total-steps", "300"],
-    "cartpole-ppo": ["--env", "CartPole-v1", "--algo", "ppo", "--num-envs", "4", "--n-steps", "8", "--epochs", "2",
-                     "--minibatches", "2", "--total-steps", "224"],
+    "cartpole-ppo": ["--env", "CartPole-v1", "--algo", "ppo", "--num-envs", "4", "--n-steps", "8", "--ppo-epochs", "2",
+                     "--num-minibatches", "2", "--total-steps", "224"],
     # Pendulum's defaults add observation and reward normalisation: their running statistics are state too
-    "cartpole-trpo": ["--env", "CartPole-v1", "--algo", "trpo", "--num-envs", "4", "--n-steps", "8", "--epochs", "2",
-                      "--minibatches", "2", "--total-steps", "224"],
-    "pendulum-ppo": ["--env", "Pendulum-v1", "--algo", "ppo", "--num-envs", "2", "--n-steps", "16", "--epochs", "2",
-                     "--minibatches", "2", "--total-steps", "224"],
+    "cartpole-trpo": ["--env", "CartPole-v1", "--algo", "trpo", "--num-envs", "4", "--n-steps", "8", "--ppo-epochs", "2",
+                      "--num-minibatches", "2", "--total-steps", "224"],
+    "pendulum-ppo": ["--env", "Pendulum-v1", "--algo", "ppo", "--num-envs", "2", "--n-steps", "16", "--ppo-epochs", "2",
+                     "--num-minibatches", "2", "--total-steps", "224"],
 }
 
 
@@ -114,6 +115,37 @@ def test_resume_needs_a_checkpoint_of_the_same_shape(tmp_path, capsys):
     assert cli_main(["gym", "--progress", "false", "--eval-episodes", "1", *base, "--total-steps", "32"]) == 0
     assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
     assert [step_of(p) for p in checkpoints(tmp_path)] == [32]
+
+
+def test_a_run_saved_under_the_old_field_names_resumes(tmp_path, capsys):
+    """A run saved before the gym fields took the LM backend's names: its config.json (epochs,
+    minibatches, ent_coef, clip_value, norm_adv) given back with --config resumes its checkpoint,
+    and a checkpoint whose saved structure names a field the old way is compared under the new name."""
+    base = ["--progress", "false", "--eval-episodes", "1", "--output-dir", str(tmp_path), "--num-envs", "2",
+            "--n-steps", "16", "--save-every", "1"]
+    assert cli_main(["gym", *base, "--total-steps", "64"]) == 0
+    new_to_old = {new: old for old, new in ALIASES.items() if old != "lam"}  # gym's λ was always gae_lambda
+    saved = json.loads((tmp_path / "config.json").read_text())
+    old_config = tmp_path / "old_config.json"
+    old_config.write_text(json.dumps({new_to_old.get(k, k): v for k, v in saved.items()}))
+    assert {"epochs", "minibatches", "ent_coef", "clip_value", "norm_adv"} <= set(json.loads(old_config.read_text()))
+    ckpt = tmp_path / LAST
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state["structure"]["norm_adv"] = saved["whiten_advantages"]
+    torch.save(state, ckpt / "trainer_state.pt")
+    sums = json.loads((ckpt / CHECKSUMS).read_text())
+    sums["files"]["trainer_state.pt"] = sha256(ckpt / "trainer_state.pt")
+    (ckpt / CHECKSUMS).write_text(json.dumps(sums))
+    capsys.readouterr()
+
+    assert cli_main(["gym", "--config", str(old_config), "--resume", "--whiten-advantages", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the old names' notices, then the error
+    assert err[-1].startswith("error: ") and "saved with --whiten-advantages True, this run has False" in err[-1]
+    assert cli_main(["gym", "--config", str(old_config), "--resume", "--total-steps", "96"]) == 0
+    assert [r["step"] for r in rows(tmp_path)] == [32, 64, 96]
+    assert f"epochs in {old_config} is deprecated: use ppo_epochs" in capsys.readouterr().err
+    resumed = json.loads((tmp_path / "config.json").read_text())
+    assert {k: resumed[k] for k in new_to_old} == {k: saved[k] for k in new_to_old}
 
 
 class _Unpicklable(CartPoleEnv):

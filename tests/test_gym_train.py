@@ -15,7 +15,7 @@ from pg_lm.gym import GymConfig, load_policy, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"env_steps", "charts/episodic_return", "charts/episodic_length", "loss/policy", "loss/value",
-               "policy/entropy", "policy/clip_frac", "policy/approx_kl", "value/explained_var", "perf/steps_per_s"}
+               "policy/entropy", "policy/clip_frac", "policy/approx_kl_k3", "value/explained_var", "perf/steps_per_s"}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -46,7 +46,7 @@ def test_ppo_run_writes_every_output(tmp_path):
     ("Acrobot-v1", "ppo"),  # no native vector env: SyncVectorEnv
 ])
 def test_each_algorithm_runs_end_to_end(tmp_path, env, algo):
-    cfg = GymConfig(env=env, algo=algo, total_steps=1200, num_envs=2, n_steps=64, minibatches=2,
+    cfg = GymConfig(env=env, algo=algo, total_steps=1200, num_envs=2, n_steps=64, num_minibatches=2,
                     eval_episodes=2, output_dir=str(tmp_path), progress=False)
     summary = train(cfg)
     rows = _rows(tmp_path)
@@ -58,7 +58,7 @@ def test_each_algorithm_runs_end_to_end(tmp_path, env, algo):
 
 
 def test_training_changes_the_policy_and_obs_stats(tmp_path):
-    cfg = GymConfig(env="Pendulum-v1", total_steps=1024, num_envs=2, n_steps=256, epochs=2, minibatches=4,
+    cfg = GymConfig(env="Pendulum-v1", total_steps=1024, num_envs=2, n_steps=256, ppo_epochs=2, num_minibatches=4,
                     eval_episodes=1, output_dir=str(tmp_path), progress=False)
     train(cfg)
     policy = load_policy(tmp_path / "policy.pt")
@@ -106,7 +106,7 @@ def test_train_leaves_callers_torch_state_alone(tmp_path):
     (["--no-such-flag", "1"], "unrecognized arguments"),
     (["--env", "FrozenLake-v1"], "observations must be a flat Box"),
     (["--env", "Pendulum-v1", "--vector-mode", "vector_entry_point"], "no native vector"),
-    (["--minibatches", "100000"], "exceeds the rollout size"),  # only known once the defaults are filled in
+    (["--num-minibatches", "100000"], "exceeds the rollout size"),  # only known once the defaults are filled in
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, match):
     code = cli_main(["gym", "--output-dir", str(tmp_path), "--progress", "false", "--total-steps", "64", *argv])
@@ -126,7 +126,7 @@ def test_cli_success_prints_the_evaluation(tmp_path, capsys):
 def test_recipe_runs_end_to_end(tmp_path, monkeypatch, capsys, recipe, env):
     # in-process (runpy) rather than a subprocess: the same __main__ path without a second torch import
     argv = [recipe, "--total-steps", "1024", "--eval-episodes", "2", "--progress", "false",
-            "--output-dir", str(tmp_path)] + (["--n-steps", "128", "--epochs", "1"] if env == "Pendulum-v1" else [])
+            "--output-dir", str(tmp_path)] + (["--n-steps", "128", "--ppo-epochs", "1"] if env == "Pendulum-v1" else [])
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "recipes" / recipe), run_name="__main__")
     assert f"ppo {env}: eval return" in capsys.readouterr().out

@@ -104,7 +104,7 @@ def test_a_rejected_step_restores_the_actor(monkeypatch):
 
 
 def test_update_fits_the_critic_with_its_own_adam_steps():
-    cfg, policy, batch, adv, returns, _ = _batch("CartPole-v1", epochs=3, minibatches=4)
+    cfg, policy, batch, adv, returns, _ = _batch("CartPole-v1", ppo_epochs=3, num_minibatches=4)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     critic = _flat(policy.critic)
     stats = update(policy, opt, batch, adv, returns, cfg, ALGOS["trpo"])
@@ -118,10 +118,10 @@ def test_update_fits_the_critic_with_its_own_adam_steps():
 
 def test_resolve_uses_the_rl_zoo_rows():
     cart = resolve(GymConfig(env="CartPole-v1", algo="trpo"))
-    assert (cart.num_envs, cart.n_steps, cart.gae_lambda, cart.cg_damping, cart.epochs) == (2, 512, 0.98, 1e-3, 20)
+    assert (cart.num_envs, cart.n_steps, cart.gae_lambda, cart.cg_damping, cart.ppo_epochs) == (2, 512, 0.98, 1e-3, 20)
     assert (cart.max_kl, cart.line_search_steps, cart.backtrack_ratio) == (0.01, 10, 0.8)
     pend = resolve(GymConfig(env="Pendulum-v1", algo="trpo"))
-    assert (pend.num_envs, pend.n_steps, pend.gamma, pend.epochs) == (2, 1024, 0.9, 15)
+    assert (pend.num_envs, pend.n_steps, pend.gamma, pend.ppo_epochs) == (2, 1024, 0.9, 15)
     assert resolve(GymConfig(env="Acrobot-v1", algo="trpo")).cg_iters == 10, "the flag default elsewhere"
 
 

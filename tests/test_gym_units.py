@@ -228,7 +228,7 @@ def test_unsupported_spaces_are_rejected():
     (dict(algo="sac"), "unknown algo"),
     (dict(gamma=1.5), "gamma must be in"),
     (dict(hidden=[]), "hidden"),
-    (dict(num_envs=2, n_steps=2, minibatches=8), "minibatches"),
+    (dict(num_envs=2, n_steps=2, num_minibatches=8), "num_minibatches"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -160,13 +160,14 @@ def test_gym_variance_of_method_variants_named_as_rows(tmp_path):
     from pg_lm.gym.variance import GymVarianceConfig, method_configs, policy_gradients, run_gym_variance
     from pg_lm.gym.trpo import actor_params
 
-    rows = {"raw": dict(algo="reinforce", norm_adv=False), "whitened": dict(algo="reinforce")}
+    rows = {"raw": dict(algo="reinforce", whiten_advantages=False), "whitened": dict(algo="reinforce")}
     kw = dict(env="CartPole-v1", batches=3, reference_batches=2, n_steps=20, num_envs=2, progress=False,
               reference="raw")
     measured, table = run_gym_variance(GymVarianceConfig(**kw, output_dir=str(tmp_path)), rows=rows)
     assert list(measured["results"]) == ["raw", "whitened"] and "| raw |" in table and "| whitened |" in table
-    assert measured["methods"]["raw"] == dict(algo="reinforce", gamma=0.99, gae_lambda=0.95, norm_adv=False, ent_coef=0.0)
-    assert measured["methods"]["whitened"]["norm_adv"] is True
+    assert measured["methods"]["raw"] == dict(algo="reinforce", gamma=0.99, gae_lambda=0.95, whiten_advantages=False,
+                                              entropy_coef=0.0)
+    assert measured["methods"]["whitened"]["whiten_advantages"] is True
     assert measured["results"]["raw"]["variance"] != measured["results"]["whitened"]["variance"]
 
     cfg = GymVarianceConfig(**kw)

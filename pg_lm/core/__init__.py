@@ -17,6 +17,7 @@ from .losses import (
     KL_ESTIMATORS,
     RATIO_LEVELS,
     aggregate,
+    approx_kl,
     clip_fractions,
     entropy_from_logits,
     kl_estimate,
@@ -24,7 +25,7 @@ from .losses import (
     policy_loss,
     value_loss,
 )
-from .metrics import pass_at_k
+from .metrics import explained_variance, pass_at_k
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .natural import (
     assign_flat,
@@ -40,8 +41,8 @@ from .natural import (
 from .variance import debiased_snr, gradient_moments, gradient_summary, welford_update
 
 __all__ = [
-    "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "batch_mean_baseline",
-    "clip_fractions", "discounted_returns", "entropy_from_logits", "gae", "group_mean_baseline", "group_std",
+    "AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SAMPLER_CORRECTIONS", "aggregate", "approx_kl",
+    "batch_mean_baseline", "clip_fractions", "discounted_returns", "entropy_from_logits", "explained_variance", "gae", "group_mean_baseline", "group_std",
     "kl_estimate", "last_step_mask", "leave_one_out_baseline", "log_ratio", "masked_mean", "masked_sum",
     "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "remax_baseline", "sampler_is_weights", "sampler_log_ratio", "value_loss",
     "zero_spread_groups",

@@ -41,6 +41,18 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
 
 
+def approx_kl(logp: Tensor, old_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(π_old || π_θ) from tokens sampled by π_old: how far one update
+    moved the policy, the diagnostic logged as ``policy/approx_kl_k3`` (CleanRL's ``approx_kl``).
+
+    With ``log r = logp - old_logp`` (r = π_θ / π_old): ``r - 1 - log r``, which is
+    :func:`kl_estimate` with π = π_old and π_ref = π_θ. Unbiased, since E_{π_old}[r] = 1, and
+    >= 0 on every token; 0 where the two agree. ``logp`` is log π_θ (detach it: this is a
+    diagnostic, not a loss), ``old_logp`` log π_old at sampling time. (B, T) -> (B, T).
+    """
+    return kl_estimate(old_logp, logp, "k3")
+
+
 def log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor | None = None, level: str = "token") -> Tensor:
     """Per-token log importance ratio ``log π_θ / π_old`` at the token or the sequence level. (B, T) -> (B, T).
 

@@ -1,9 +1,38 @@
-"""Evaluation metrics: pure functions of counts."""
+"""Metrics: pass@k from counts (evaluation), the critic's explained variance (training)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .masked import masked_var
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """How much of the returns' variance the critic accounts for, over unmasked positions::
+
+        EV = 1 - Var[R - V] / Var[R]
+
+    1: V predicts every return; 0: no better than a constant; < 0: worse than one. A constant
+    offset in V is not seen (Var[R - V] ignores it). Both variances are :func:`masked_var`'s
+    (the same n - 1 divisor, which cancels), so padding -- even inf or NaN there -- never enters.
+    When the returns have zero variance (a constant, one position, or none) the ratio is
+    undefined and the result is NaN, not a number that would read as a verdict on the critic.
+
+    ``values`` V(s_t) and ``returns`` R_t (the critic's targets) are (B, T) (or any shape),
+    ``mask`` broadcastable to them. Returns a 0-dim tensor of their dtype.
+
+    >>> V, R = torch.tensor([[1.0, 2.0, 2.0, 9.0]]), torch.tensor([[1.0, 3.0, 5.0, 0.0]])
+    >>> round(float(explained_variance(V, R, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))), 4)  # 1 - (7/3) / 4
+    0.4167
+    """
+    if values.shape != returns.shape:
+        raise ValueError(f"values and returns must have the same shape, got {tuple(values.shape)} and "
+                         f"{tuple(returns.shape)}")
+    var_r = masked_var(returns, mask)
+    var_res = masked_var(returns - values, mask)
+    nan = torch.full((), float("nan"), dtype=var_r.dtype, device=var_r.device)
+    return torch.where(var_r > 0, 1.0 - var_res / torch.where(var_r > 0, var_r, torch.ones_like(var_r)), nan)
 
 
 def pass_at_k(num_samples: Tensor, num_correct: Tensor, k: int) -> Tensor:

@@ -9,10 +9,12 @@ algo                advantage                   critic    rollout           upda
 reinforce           G_t (Monte-Carlo return)    no        whole episodes    1 full-batch step
 reinforce-baseline  G_t - V(s_t)                baseline  whole episodes    1 full-batch step
 a2c                 GAE(γ, λ)                   bootstrap n steps per env   1 full-batch step
-ppo                 GAE(γ, λ)                   bootstrap n steps per env   epochs x minibatches, clipped
+ppo                 GAE(γ, λ)                   bootstrap n steps per env   ppo_epochs x num_minibatches,
+                                                                            clipped
 trpo                GAE(γ, λ)                   bootstrap n steps per env   1 natural-gradient step within
                                                                             max_kl (trpo.py); the critic:
-                                                                            epochs x minibatches of regression
+                                                                            ppo_epochs x num_minibatches
+                                                                            of regression
 ==================  ==========================  ========  ================  ==============
 
 Under TRPO the Adam optimizer only ever sees the critic's gradients (the actor's stay
@@ -32,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from pg_lm.core import aggregate, discounted_returns, gae, kl_estimate, masked_mean, masked_var, masked_whiten
+from pg_lm.core import aggregate, approx_kl, discounted_returns, explained_variance, gae, masked_mean, masked_whiten
 from pg_lm.core import policy_loss, value_loss
 
 from .config import GymConfig
@@ -86,27 +88,20 @@ ALGOS: dict[str, Algo] = {
 }
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """``1 - Var[R - V] / Var[R]`` over unmasked steps (1 = perfect critic, <= 0 = useless)."""
-    var_r = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
-
-
 def minibatch_loss(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig, algo: Algo) -> tuple[Tensor, dict]:
     """The scalar loss of one minibatch of flattened steps (M,) and its statistics."""
     logp, entropy, values = policy.evaluate(mb["obs"], mb["actions"])  # (M,) each
     mask = mb["mask"]
-    adv = masked_whiten(mb["adv"], mask) if cfg.norm_adv else mb["adv"]
+    adv = masked_whiten(mb["adv"], mask) if cfg.whiten_advantages else mb["adv"]
     clip = cfg.clip if algo.ppo else None
     pg, clipped = policy_loss(logp, mb["logp"], adv, clip, clip)  # (M,)
     pg_loss = aggregate(pg, mask)
     ent = aggregate(entropy, mask)
-    loss = pg_loss - cfg.ent_coef * ent
+    loss = pg_loss - cfg.entropy_coef * ent
     stats = {"loss/policy": pg_loss, "policy/entropy": ent, "policy/clip_frac": masked_mean(clipped, mask),
-             # KL(π_old || π) from samples of π_old: k3 with "π" = π_old, "ref" = π (CleanRL's approx_kl)
-             "policy/approx_kl": masked_mean(kl_estimate(mb["logp"], logp.detach(), "k3"), mask)}
+             "policy/approx_kl_k3": masked_mean(approx_kl(logp.detach(), mb["logp"]), mask)}
     if algo.critic:
-        v_clip = cfg.clip_value if algo.ppo and cfg.clip_value > 0 else None
+        v_clip = cfg.value_clip if algo.ppo and cfg.value_clip > 0 else None  # here 0 = off (the LM backend: None)
         v_loss = aggregate(value_loss(values, mb["values"], mb["returns"], v_clip), mask)
         loss = loss + cfg.vf_coef * v_loss
         stats["loss/value"] = v_loss
@@ -129,12 +124,12 @@ def flatten(batch: Rollout, adv: Tensor, returns: Tensor) -> dict[str, Tensor]:
 
 def update(policy: ActorCritic, opt: torch.optim.Optimizer, batch: Rollout, adv: Tensor, returns: Tensor,
            cfg: GymConfig, algo: Algo) -> dict[str, float]:
-    """Optimise on one rollout: ``epochs x minibatches`` steps for PPO, one step otherwise;
-    TRPO: one natural-gradient step of the actor, then ``epochs x minibatches`` critic steps.
+    """Optimise on one rollout: ``ppo_epochs x num_minibatches`` steps for PPO, one step otherwise;
+    TRPO: one natural-gradient step of the actor, then ``ppo_epochs x num_minibatches`` critic steps.
 
     Each minibatch is its own optimiser step, so its loss is its own token-mean."""
     flat = flatten(batch, adv, returns)
-    epochs, minibatches = (cfg.epochs, cfg.minibatches) if algo.ppo or algo.trpo else (1, 1)
+    epochs, minibatches = (cfg.ppo_epochs, cfg.num_minibatches) if algo.ppo or algo.trpo else (1, 1)
     stats: dict[str, list[float]] = defaultdict(list)
     if algo.trpo:  # the actor first, on the advantages of the values the rollout saw
         for k, v in natural_step(policy, flat, cfg).items():
@@ -152,5 +147,5 @@ def update(policy: ActorCritic, opt: torch.optim.Optimizer, batch: Rollout, adv:
                 stats[k].append(float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     if algo.critic:
-        out["value/explained_var"] = explained_variance(batch.values, returns, batch.mask)
+        out["value/explained_var"] = float(explained_variance(batch.values, returns, batch.mask))
     return out

@@ -41,6 +41,7 @@ import torch
 
 from pg_lm.run import RunWriter, to_dict
 from pg_lm.run.checkpoints import commit, find_resumable, rng_state, set_rng_state
+from pg_lm.run.config import rename_aliases
 
 from .config import GymConfig
 from .policy import ActorCritic, save_policy
@@ -101,6 +102,8 @@ def find_checkpoint(cfg: GymConfig) -> tuple[Path, dict]:
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
+    # a checkpoint saved before a field was renamed names it the old way (pg_lm.run.config.ALIASES)
+    state["structure"] = rename_aliases(GymConfig, state["structure"], str(path))[0]
     for key, saved in state["structure"].items():
         if getattr(cfg, key) != saved:
             raise ValueError(f"--resume: {path} was saved with --{key.replace('_', '-')} {saved}, this run has "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pg_lm.run.config import arg, check_trpo
+from pg_lm.run.config import arg, check_trpo, rename_aliases
 
 ALGO_NAMES = ("reinforce", "reinforce-baseline", "a2c", "ppo", "trpo")
 VECTOR_MODES = ("auto", "vector_entry_point", "sync")
@@ -46,33 +46,36 @@ VECTOR_MODES = ("auto", "vector_entry_point", "sync")
 DEFAULTS: dict[tuple[str, str], dict] = {
     ("*", "*"): dict(
         total_steps=100_000, num_envs=8, n_steps=128, lr=3e-4, anneal_lr=True, gamma=0.99,
-        gae_lambda=0.95, epochs=4, minibatches=4, clip=0.2, clip_value=0.0, ent_coef=0.0,
-        vf_coef=0.5, max_grad_norm=0.5, norm_adv=True, hidden=[64, 64], obs_norm=False,
+        gae_lambda=0.95, ppo_epochs=4, num_minibatches=4, clip=0.2, value_clip=0.0, entropy_coef=0.0,
+        vf_coef=0.5, max_grad_norm=0.5, whiten_advantages=True, hidden=[64, 64], obs_norm=False,
         reward_norm=False, log_std_init=0.0,
         max_kl=0.01, cg_iters=10, cg_damping=0.1, line_search_steps=10, backtrack_ratio=0.8,
     ),
-    ("*", "a2c"): dict(n_steps=8, lr=7e-4, norm_adv=False, epochs=1, minibatches=1),
-    ("*", "reinforce"): dict(num_envs=4, n_steps=200, lr=1e-3, epochs=1, minibatches=1),
-    ("*", "reinforce-baseline"): dict(num_envs=4, n_steps=200, lr=1e-3, epochs=1, minibatches=1, reward_norm=True),
+    ("*", "a2c"): dict(n_steps=8, lr=7e-4, whiten_advantages=False, ppo_epochs=1, num_minibatches=1),
+    ("*", "reinforce"): dict(num_envs=4, n_steps=200, lr=1e-3, ppo_epochs=1, num_minibatches=1),
+    ("*", "reinforce-baseline"): dict(
+        num_envs=4, n_steps=200, lr=1e-3, ppo_epochs=1, num_minibatches=1, reward_norm=True,
+    ),
     ("CartPole-v1", "ppo"): dict(
-        num_envs=16, n_steps=32, lr=3e-3, gamma=0.98, gae_lambda=0.8, epochs=8, minibatches=2,
+        num_envs=16, n_steps=32, lr=3e-3, gamma=0.98, gae_lambda=0.8, ppo_epochs=8, num_minibatches=2,
     ),
     ("CartPole-v1", "a2c"): dict(lr=2e-3, gamma=0.98, gae_lambda=0.9),
     ("CartPole-v1", "reinforce"): dict(total_steps=300_000, lr=3e-3),
     ("CartPole-v1", "reinforce-baseline"): dict(total_steps=300_000, lr=3e-3),
     ("Pendulum-v1", "*"): dict(
-        total_steps=150_000, num_envs=4, gamma=0.95, ent_coef=0.005, obs_norm=True, reward_norm=True,
+        total_steps=150_000, num_envs=4, gamma=0.95, entropy_coef=0.005, obs_norm=True, reward_norm=True,
     ),
-    ("Pendulum-v1", "ppo"): dict(n_steps=1024, lr=1e-3, gae_lambda=0.95, epochs=10, minibatches=16),
+    ("Pendulum-v1", "ppo"): dict(n_steps=1024, lr=1e-3, gae_lambda=0.95, ppo_epochs=10, num_minibatches=16),
     ("*", "trpo"): dict(
-        num_envs=2, n_steps=1024, lr=1e-3, anneal_lr=False, epochs=10, minibatches=16, max_grad_norm=0.0,
+        num_envs=2, n_steps=1024, lr=1e-3, anneal_lr=False, ppo_epochs=10, num_minibatches=16,
+        max_grad_norm=0.0,
     ),
     ("CartPole-v1", "trpo"): dict(
-        total_steps=100_000, n_steps=512, gamma=0.99, gae_lambda=0.98, epochs=20, minibatches=2,
+        total_steps=100_000, n_steps=512, gamma=0.99, gae_lambda=0.98, ppo_epochs=20, num_minibatches=2,
         cg_damping=1e-3, cg_iters=15,
     ),
     ("Pendulum-v1", "trpo"): dict(
-        total_steps=100_000, gamma=0.9, epochs=15, minibatches=16, cg_iters=15, ent_coef=0.0,
+        total_steps=100_000, gamma=0.9, ppo_epochs=15, num_minibatches=16, cg_iters=15, entropy_coef=0.0,
     ),
 }
 
@@ -96,15 +99,16 @@ class GymConfig:
     # estimator
     gamma: float | None = arg(None, "discount factor")
     gae_lambda: float | None = arg(None, "GAE λ (a2c, ppo, trpo)")
-    norm_adv: bool | None = arg(None, "whiten advantages (PPO: per minibatch; REINFORCE: whitens the returns)")
+    whiten_advantages: bool | None = arg(None, "whiten advantages to mean 0, std 1 (PPO: per minibatch, where the LM "
+                                          "backend whitens the whole batch; REINFORCE: whitens the returns)")
     # optimisation
     lr: float | None = arg(None, "Adam learning rate (TRPO: the critic's)")
     anneal_lr: bool | None = arg(None, "decay the learning rate linearly to 0 over total_steps")
-    epochs: int | None = arg(None, "PPO passes over each rollout; TRPO: critic regression passes (others: 1)")
-    minibatches: int | None = arg(None, "PPO minibatches per pass; TRPO: critic minibatches per pass (others: 1)")
-    clip: float | None = arg(None, "PPO ratio clip ε")
-    clip_value: float | None = arg(None, "PPO value-loss clip range (0 = off)")
-    ent_coef: float | None = arg(None, "entropy bonus coefficient")
+    ppo_epochs: int | None = arg(None, "PPO passes over each rollout; TRPO: critic regression passes (others: 1)")
+    num_minibatches: int | None = arg(None, "PPO minibatches per pass; TRPO: critic minibatches per pass (others: 1)")
+    clip: float | None = arg(None, "PPO ratio clip ε, on both sides (the LM backend's --clip-low ε --clip-high ε)")
+    value_clip: float | None = arg(None, "PPO value-loss clip range (0 = off; the LM backend's off is None)")
+    entropy_coef: float | None = arg(None, "entropy bonus coefficient")
     vf_coef: float | None = arg(None, "value-loss coefficient")
     max_grad_norm: float | None = arg(None, "gradient-norm clip (0 = off)")
     # policy
@@ -134,7 +138,7 @@ class GymConfig:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGO_NAMES)}")
         if self.vector_mode not in VECTOR_MODES:
             raise ValueError(f"unknown vector_mode {self.vector_mode!r}; choose one of {', '.join(VECTOR_MODES)}")
-        positive = ("total_steps", "num_envs", "n_steps", "lr", "epochs", "minibatches", "clip",
+        positive = ("total_steps", "num_envs", "n_steps", "lr", "ppo_epochs", "num_minibatches", "clip",
                     "eval_episodes", "threads")
         for name in positive:
             value = getattr(self, name)
@@ -142,7 +146,7 @@ class GymConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ValueError(f"save_total_limit must be > 0 (or None for no limit), got {self.save_total_limit}")
-        for name in ("clip_value", "ent_coef", "vf_coef", "max_grad_norm", "save_every"):
+        for name in ("value_clip", "entropy_coef", "vf_coef", "max_grad_norm", "save_every"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -153,9 +157,9 @@ class GymConfig:
         check_trpo(self)
         if self.hidden is not None and (not self.hidden or min(self.hidden) <= 0):
             raise ValueError(f"hidden must be a non-empty list of positive widths, got {self.hidden}")
-        sizes = (self.num_envs, self.n_steps, self.minibatches)
-        if None not in sizes and self.minibatches > self.num_envs * self.n_steps:
-            raise ValueError(f"minibatches ({self.minibatches}) exceeds the rollout size num_envs x n_steps "
+        sizes = (self.num_envs, self.n_steps, self.num_minibatches)
+        if None not in sizes and self.num_minibatches > self.num_envs * self.n_steps:
+            raise ValueError(f"num_minibatches ({self.num_minibatches}) exceeds the rollout size num_envs x n_steps "
                              f"({self.num_envs * self.n_steps})")
 
 
@@ -169,10 +173,11 @@ def _check_env(env_id: str) -> None:
 
 
 def defaults_for(env: str, algo: str) -> dict:
-    """The default hyper-parameters of ``(env, algo)``, most specific table row winning."""
+    """The default hyper-parameters of ``(env, algo)``, most specific table row winning. A row
+    written with a field's old name (:data:`pg_lm.run.config.ALIASES`) sets the field."""
     out: dict = {}
     for key in (("*", "*"), (env, "*"), ("*", algo), (env, algo)):
-        out.update(DEFAULTS.get(key, {}))
+        out.update(rename_aliases(GymConfig, DEFAULTS.get(key, {}), f"DEFAULTS[{key}]")[0])
     return out
 
 

@@ -213,11 +213,14 @@ def _finish(run: RunState, hit: dict | None) -> dict:
 
 def parse_args(argv: list[str] | None, cls: type = GymConfig, prog: str = "pg-lm gym"):
     """Flags -> ``cls`` (a :class:`GymConfig`). A bad flag or value raises :class:`UsageError` with a
-    one-line message (``parse_config`` reports through argparse, which prints the whole usage)."""
+    one-line message (``parse_config`` reports through argparse, which prints the whole usage);
+    anything else parsing prints (a deprecated flag's notice) reaches stderr."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return parse_config(cls, argv, prog=prog)
+            cfg = parse_config(cls, argv, prog=prog)
+        sys.stderr.write(err.getvalue())  # what parsing said besides errors: an old flag name's notice
+        return cfg
     except SystemExit as e:
         if not e.code:  # --help
             raise

@@ -1,6 +1,6 @@
 """TRPO's actor step on one rollout (Schulman et al. 2015), built from pg_lm.core.natural.
 
-    g  = ∇ L(θ_old)                     L = masked mean of ratio · A (+ ent_coef · entropy)
+    g  = ∇ L(θ_old)                     L = masked mean of ratio · A (+ entropy_coef · entropy)
     x  = CG(F + λI, g), cg_iters        F v by double backward of the exact mean KL
     β  = sqrt(2 δ / xᵀ(F + λI)x)         δ = max_kl
     θ  = θ_old + f β x                  f = 1, r, r², ... until L improves and KL <= δ,
@@ -40,7 +40,7 @@ def natural_step(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig) -> 
     Returns the step's statistics: the surrogate gain, the measured mean KL after the step,
     the accepted fraction of the full step (0 = rejected) and the entropy."""
     obs, actions, old_logp, mask = mb["obs"], mb["actions"], mb["logp"], mb["mask"]
-    adv = masked_whiten(mb["adv"], mask) if cfg.norm_adv else mb["adv"]  # (M,)
+    adv = masked_whiten(mb["adv"], mask) if cfg.whiten_advantages else mb["adv"]  # (M,)
     params = actor_params(policy)
     with torch.no_grad():
         old = policy.head.snapshot(policy.actor(obs))  # π_old: the rollout policy, fixed
@@ -49,7 +49,7 @@ def natural_step(policy: ActorCritic, mb: dict[str, Tensor], cfg: GymConfig) -> 
         out = policy.actor(obs)
         ratio = torch.exp(policy.head.log_prob(out, actions) - old_logp)  # (M,)
         entropy = masked_mean(policy.head.entropy(out), mask)
-        return masked_mean(ratio * adv, mask) + cfg.ent_coef * entropy, entropy
+        return masked_mean(ratio * adv, mask) + cfg.entropy_coef * entropy, entropy
 
     def mean_kl() -> Tensor:
         return masked_mean(policy.head.kl(old, policy.actor(obs)), mask)

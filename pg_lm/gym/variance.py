@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pg_lm.run.config import arg
+from pg_lm.run.config import arg, rename_aliases
 
 from .algos import ALGOS, flatten, minibatch_loss
 from .config import ALGO_NAMES, GymConfig, resolve
@@ -68,11 +68,15 @@ class GymVarianceConfig:
         return list(dict.fromkeys(self.estimators or ALGO_NAMES))
 
 
+METHOD_FIELDS = ("algo", "gamma", "gae_lambda", "whiten_advantages", "entropy_coef")  # recorded per row
+
+
 def method_configs(cfg: GymVarianceConfig, names: list[str], rows: dict[str, dict] | None = None) -> dict[str, GymConfig]:
     """Each row's resolved training config for ``cfg.env`` (γ, λ, whitening, coefficients): the method
-    ``name`` at its defaults, or ``rows[name]``'s fields over its method's."""
+    ``name`` at its defaults, or ``rows[name]``'s fields over its method's (old field names of
+    :data:`pg_lm.run.config.ALIASES` read as their new ones)."""
     given = {k: getattr(cfg, k) for k in ("gamma", "gae_lambda", "hidden") if getattr(cfg, k) is not None}
-    rows = rows or {}
+    rows = {n: rename_aliases(GymConfig, row, f"row {n}")[0] for n, row in (rows or {}).items()}
     return {n: resolve(GymConfig(**{"algo": n, **rows.get(n, {}), "env": cfg.env, "seed": cfg.seed,
                                     "num_envs": cfg.num_envs, "n_steps": cfg.n_steps, "progress": False, **given}))
             for n in names}
@@ -125,7 +129,7 @@ def run_gym_variance(cfg: GymVarianceConfig, progress=None, rows: dict[str, dict
 
     ``rows`` measures variants of the methods instead of ``cfg.estimators``: {row name: GymConfig
     fields over the method's defaults, ``algo`` included}, e.g. ``{"reinforce-raw": dict(algo="reinforce",
-    norm_adv=False)}``; ``cfg.reference`` is then a row name."""
+    whiten_advantages=False)}``; ``cfg.reference`` is then a row name."""
     from pg_lm.run.variance import measure, write_report
 
     from .rollout import Collector
@@ -152,8 +156,7 @@ def run_gym_variance(cfg: GymVarianceConfig, progress=None, rows: dict[str, dict
             "reference": cfg.reference, "reference_batches": cfg.reference_batches, "num_envs": cfg.num_envs,
             "n_steps": cfg.n_steps, "seed": cfg.seed, "episode_return_mean": sum(returns) / max(len(returns), 1),
             "episodes": len(returns),
-            "methods": {n: {k: getattr(cfgs[n], k) for k in ("algo", "gamma", "gae_lambda", "norm_adv", "ent_coef")}
-                        for n in names}}
+            "methods": {n: {k: getattr(cfgs[n], k) for k in METHOD_FIELDS} for n in names}}
     title = f"gradient variance at a fixed policy: {cfg.env}, {cfg.policy or 'initial policy'}, K={cfg.batches}"
     return {**meta, "results": results}, write_report(results, meta, cfg.output_dir, title)
 

@@ -117,7 +117,7 @@ class LMConfig(PromptConfig):
     whiten_advantages: bool = arg(False, "whiten advantages over the global batch, every process's tokens "
                                   "(mean 0, std 1; REINFORCE++)")
     gamma: float = arg(1.0, "discount per token")
-    lam: float = arg(0.95, "GAE λ")
+    gae_lambda: float = arg(0.95, "GAE λ (--estimator gae)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     num_minibatches: int = arg(1, "optimizer steps per pass (the rollout is split into this many)")
     micro_batch_size: int | None = arg(None, "rows per forward/backward (gradient accumulation); None = whole minibatch")
@@ -126,7 +126,8 @@ class LMConfig(PromptConfig):
     clip_ratio_c: float | None = arg(None, "dual-clip PPO: the loss of a negative advantage is at most -A·c (c > 1; None = off)")
     ratio_level: str = arg("token", "importance ratio of the policy loss: per token (PPO, GRPO) or per sequence, "
                            "length-normalised and clipped per sequence (GSPO)", RATIO_LEVELS)
-    value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off)")
+    value_clip: float | None = arg(None, "PPO value-loss clipping range (None = off; the classic-control backend's "
+                                   "off is 0)")
     vf_coef: float = arg(0.1, "value-loss coefficient")
     skip_zero_advantage: bool = arg(True, "leave rows whose advantage is 0 on every token out of the backward "
                                     "pass when they cannot change the gradient (no value loss, entropy or KL loss)")
@@ -199,6 +200,13 @@ class LMConfig(PromptConfig):
         super().__post_init__()
         if self.clip_high is None and self.clip_low is not None:
             self.clip_high = self.clip_low
+        self._check_numbers()
+        self._check_estimator()
+        self._check_batches_and_outputs()
+        self._check_update()
+
+    def _check_numbers(self) -> None:
+        """Each number in its range on its own; ``--max-grad-norm 0`` becomes None (off)."""
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
                     "num_minibatches", "log_every", "samples_every", "kl_horizon", "max_bad_steps")  # samples_every / kl_horizon divide
         for name in positive:
@@ -215,8 +223,11 @@ class LMConfig(PromptConfig):
         for name in ("max_grad_norm", "clip_low", "clip_high", "value_clip"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (or None for off), got {getattr(self, name)}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"--gamma and --gae-lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
+
+    def _check_estimator(self) -> None:
+        """The estimator, its baseline and the KL penalty fit together and with the group size."""
         if self.baseline in ("group_mean", "loo") and self.estimator == "reinforce" and self.samples_per_prompt < 2:
             raise ValueError(f"--baseline {self.baseline} needs --samples-per-prompt >= 2")
         if self.baseline == "remax" and self.estimator != "reinforce":
@@ -227,6 +238,9 @@ class LMConfig(PromptConfig):
             raise ValueError("--kl-estimator k1 belongs in the reward (its gradient as a loss is wrong): use --kl-in reward")
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ValueError("--kl-target (adaptive KL) needs an initial --kl-coef > 0")
+
+    def _check_batches_and_outputs(self) -> None:
+        """The step's rows split into the minibatches; checkpoints kept; the held-out split."""
         rows = self.prompts_per_step * self.samples_per_prompt
         if rows % self.num_minibatches:
             raise ValueError(f"{rows} rows per step do not split into --num-minibatches {self.num_minibatches}")
@@ -240,6 +254,10 @@ class LMConfig(PromptConfig):
             raise ValueError("--eval-fraction needs --dataset (a task has its own held-out prompts)")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ValueError(f"--micro-batch-size must be > 0, got {self.micro_batch_size}")
+
+    def _check_update(self) -> None:
+        """The policy loss's ratio and clips, dynamic sampling, the sampler correction, and TRPO's
+        step, which leaves no room for the settings of AdamW's loop."""
         if self.ratio_level == "sequence" and self.uses_value_head:
             raise ValueError("--ratio-level sequence (GSPO) has one advantage per completion; a value head's per-token "
                              f"advantages need --ratio-level token (got --estimator {self.estimator} --baseline {self.baseline})")

@@ -1,12 +1,11 @@
 """From a scored rollout to per-token advantages: the one place the estimators differ.
 
 ``--estimator reinforce``: return-to-go per token (γ, default 1) minus a baseline.
-``--estimator gae``: GAE(γ, λ) over the value head's estimates. Both call the core.
+``--estimator gae``: GAE(γ, λ = ``--gae-lambda``) over the value head's estimates. Both call the core.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from pg_lm.core import (
@@ -85,14 +84,6 @@ def advantages(
     if scale_rewards:
         adv = adv / (group_std(g0, group_size)[:, None] + eps)
     return adv, None
-
-
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """``1 - Var(R - V) / Var(R)`` over real tokens (1 = perfect critic, <= 0 = useless)."""
-    m = mask.bool()
-    r, v = returns[m], values[m]
-    var = r.var() if r.numel() > 1 else torch.tensor(0.0, device=r.device)
-    return float("nan") if var == 0 else float(1 - (r - v).var() / var)
 
 
 def adaptive_kl_coef(coef: float, kl_per_seq: float, target: float, horizon: int, batch_size: int) -> float:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pg_lm.core import (
     aggregate,
+    approx_kl,
     clip_fractions,
     kl_estimate,
     log_ratio,
@@ -80,7 +81,7 @@ def _policy_stats(cfg, logp: Tensor, old: Tensor, adv: Tensor, clipped: Tensor, 
     parts = {"policy/clip_frac": agg(clipped), "policy/clip_frac_low": agg(low), "policy/clip_frac_high": agg(high),
              "policy/entropy": agg(entropy),
              "policy/entropy_sampled": agg(-old),  # -log π_old of the drawn tokens: entropy's estimate
-             "policy/approx_kl": agg(0.5 * (logp - old) ** 2)}
+             "policy/approx_kl_k3": agg(approx_kl(logp, old))}
     if cfg.clip_ratio_c is not None:
         parts["policy/clip_frac_dual"] = agg(dual)
     return parts

@@ -14,12 +14,18 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 
+from pg_lm.run.config import ALIASES
+
 
 @dataclass(frozen=True)
 class Preset:
     paper: str
     defining: dict  # field -> value; a contradicting explicit flag is an error
     tunable: dict = field(default_factory=dict)  # field -> value; an explicit flag wins
+
+    def __post_init__(self):  # a preset written with a field's old name (``lam``) sets the field (``gae_lambda``)
+        for part in ("defining", "tunable"):
+            object.__setattr__(self, part, {ALIASES.get(k, k): v for k, v in getattr(self, part).items()})
 
 
 _GROUP = {"estimator": "reinforce", "baseline": "group_mean"}

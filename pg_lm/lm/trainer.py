@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from pg_lm.core import kl_estimate, masked_mean, masked_whiten, zero_spread_groups
+from pg_lm.core import explained_variance, kl_estimate, masked_mean, masked_whiten, zero_spread_groups
 
 from . import dynamic, estimate, health, loop, trpo, update
 from .config import LMConfig
@@ -194,7 +194,7 @@ class Trainer:
         scale_rewards = cfg.scale_rewards if scale_rewards is None else scale_rewards
         greedy = batch.greedy_scores[::cfg.samples_per_prompt] if batch.greedy_scores is not None else None  # (B / G,)
         adv, returns = estimate.advantages(estimator, baseline, batch.rewards, batch.completion_mask,
-                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.lam, scale_rewards,
+                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, scale_rewards,
                                            greedy_scores=greedy)
         if cfg.whiten_advantages:  # over the global batch: every process's tokens (REINFORCE++)
             adv = masked_whiten(adv, batch.completion_mask, reduce=self.coll.whiten_reduce())
@@ -231,7 +231,7 @@ class Trainer:
         health.count(st, bad, cfg.max_bad_steps, self.acc.print)
         stats["health/skipped_steps"] = st.skipped_steps
         if returns is not None and batch.values is not None:
-            stats["value/explained_var"] = estimate.explained_variance(batch.values, returns, batch.completion_mask)
+            stats["value/explained_var"] = float(explained_variance(batch.values, returns, batch.completion_mask))
         stats = self.coll.scalars(stats)
         if "kl/ref" in stats and cfg.kl_target is not None:  # the adaptive KL controller (Ziegler et al. 2019)
             st.kl_coef = estimate.adaptive_kl_coef(st.kl_coef, stats["kl/ref"], cfg.kl_target, cfg.kl_horizon,

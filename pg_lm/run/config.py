@@ -4,6 +4,10 @@ A config is a dataclass whose every field is declared with :func:`arg`, which ta
 its help text, so the documentation lives where the field is declared. Field
 ``foo_bar`` becomes flag ``--foo-bar``; ``--config file.yaml`` loads the same fields
 (flags given on the command line win).
+
+Both backends name a shared concept the same way (``--gae-lambda``, ``--ppo-epochs``, ...).
+The names a field had before are kept as aliases in :data:`ALIASES`, the one table that the
+parser, config files and saved configs all go through (:func:`rename_aliases`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -25,6 +31,59 @@ def arg(default: Any, help: str, choices: tuple | None = None) -> Any:
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+# old name -> the field it now is (the language-model backend's old name, then the classic-control
+# one's). An alias applies to every config class that has the new field and no field of the old
+# name: ``--lam 0.9`` works for LMConfig, GymConfig and both variance configs alike.
+ALIASES: dict[str, str] = {
+    "lam": "gae_lambda",
+    "epochs": "ppo_epochs",
+    "minibatches": "num_minibatches",
+    "ent_coef": "entropy_coef",
+    "clip_value": "value_clip",
+    "norm_adv": "whiten_advantages",
+}
+
+
+def aliases(cls: type) -> dict[str, str]:
+    """The entries of :data:`ALIASES` that apply to the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {old: new for old, new in ALIASES.items() if new in names and old not in names}
+
+
+def rename_aliases(cls: type, values: dict, source: str = "config", flag=lambda name: name) -> tuple[dict, list[str]]:
+    """``values`` (field -> value, from flags, a config file or a saved config) with every old name of
+    :data:`ALIASES` replaced by its field's, and the old names found. An old name and its new one
+    both in ``values`` is a ``ValueError`` naming both: which of the two was meant is unknown.
+    ``flag(name)``: how the error names a field (``--gae-lambda`` on the command line)."""
+    table = aliases(cls)
+    out, found = {}, []
+    for key, value in values.items():
+        new = table.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in values:
+            raise ValueError(f"{source} gives both {flag(key)} and {flag(new)}, the old and the new name of "
+                             f"one field: keep {flag(new)}")
+        out[new] = value
+        found.append(key)
+    return out, found
+
+
+def _flag(name: str) -> str:
+    """A field's command-line flag: ``gae_lambda`` -> ``--gae-lambda``."""
+    return "--" + name.replace("_", "-")
+
+
+def _notify(lines: list[str]) -> None:
+    """Print each line once on stderr, on the first process only (every process of a distributed
+    launch parses the same flags; RANK is set by torchrun / accelerate launch)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for line in dict.fromkeys(lines):
+        print(line, file=sys.stderr)
 
 
 TRPO_FIELDS = ("max_kl", "cg_iters", "cg_damping", "line_search_steps", "backtrack_ratio")
@@ -75,6 +134,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="YAML or JSON file with any of these fields")
     hints = typing.get_type_hints(cls)
+    old_names = aliases(cls)
     for f in dataclasses.fields(cls):
         tp, is_list = _base_type(hints[f.name])
         conv = _parse_bool if tp is bool else tp
@@ -87,7 +147,9 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             kw.update(nargs="?", const=True)
         if f.metadata.get("choices"):
             kw["choices"] = list(f.metadata["choices"]) + ([None] if f.default is None else [])
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        p.add_argument(_flag(f.name), **kw)
+        for old in [o for o, new in old_names.items() if new == f.name]:  # hidden from --help
+            p.add_argument(_flag(old), dest=old, **dict(kw, help=argparse.SUPPRESS))
     return p
 
 
@@ -129,10 +191,11 @@ def _typed(cls: type, values: dict, source: str) -> dict:
 
 
 def from_dict(cls: type[C], values: dict, source: str = "config") -> C:
-    """Build ``cls`` from a dict (a config file's values are converted to the field types); an
-    unknown key is a clear error listing the valid ones."""
+    """Build ``cls`` from a dict (a config file's values are converted to the field types); an old
+    field name (:data:`ALIASES`, e.g. in a run's saved config) is read as its new one; an unknown
+    key is a clear error listing the valid ones."""
     names = [f.name for f in dataclasses.fields(cls)]
-    clean = {k.replace("-", "_"): v for k, v in values.items()}
+    clean, _ = rename_aliases(cls, {k.replace("-", "_"): v for k, v in values.items()}, source)
     unknown = sorted(set(clean) - set(names))
     if unknown:
         raise ValueError(f"unknown field(s) in {source}: {', '.join(unknown)}; valid fields: {', '.join(names)}")
@@ -144,17 +207,28 @@ def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None =
     a preset given by flag or file (``--loss-type``) comes before ``defaults`` for the fields it sets.
 
     Validation errors raised by ``cls.__post_init__`` (ValueError) exit with a one-line
-    message instead of a traceback.
+    message instead of a traceback. An old name (:data:`ALIASES`) given as a flag, in the file or
+    in ``defaults`` works as its new one, with one line on stderr per old name saying so.
     """
     parser = build_parser(cls, prog=prog)
     ns = vars(parser.parse_args(argv))
-    given = {}
+    given: dict = {}
     cfg_path = ns.pop("config", None)
-    if cfg_path:
-        try:
-            given.update({k.replace("-", "_"): v for k, v in load_file(cfg_path).items()})
-        except OSError as e:
-            parser.error(f"cannot read --config {cfg_path}: {e}")
+    try:
+        old_in_file = []
+        if cfg_path:
+            try:
+                file = {k.replace("-", "_"): v for k, v in load_file(cfg_path).items()}
+            except OSError as e:
+                parser.error(f"cannot read --config {cfg_path}: {e}")
+            given, old_in_file = rename_aliases(cls, file, cfg_path)
+        ns, old_flags = rename_aliases(cls, ns, "the command line", flag=_flag)
+        defaults, old_kwargs = rename_aliases(cls, defaults, "the keyword arguments")
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    _notify([f"{_flag(o)} is deprecated: use {_flag(ALIASES[o])}" for o in old_flags]
+            + [f"{o} in {cfg_path} is deprecated: use {ALIASES[o]}" for o in old_in_file]
+            + [f"{o}= is deprecated: use {ALIASES[o]}=" for o in old_kwargs])
     given.update(ns)
     # a script's defaults yield to what a preset the user asked for sets (``cls.preset_fields``)
     yielding = cls.preset_fields(given) if hasattr(cls, "preset_fields") else set()
