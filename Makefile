@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pg_lm-installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow test-gpu bench setup clean
+.PHONY: demo test test-slow test-gpu bench setup clean lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) recipes/arithmetic.py
 
+# the linter, then the tests on both cores (pytest-xdist; 2-process launches one at a time, tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m ruff check pg_lm tests benchmarks recipes
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+lint: $(STAMP)
+	$(PY) -m ruff check pg_lm tests benchmarks recipes
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -179,6 +179,7 @@ def launch_two(model_dir, out, mode):
     return proc.returncode, err, time.time() - t0
 
 
+@pytest.mark.two_process
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_an_error_in_one_process_stops_both_with_that_error(tiny_lm_dir, tmp_path, mode):
     code, err, seconds = launch_two(tiny_lm_dir, tmp_path, mode)
@@ -189,6 +190,7 @@ def test_an_error_in_one_process_stops_both_with_that_error(tiny_lm_dir, tmp_pat
     assert seconds < 120  # (start-up included; without the watch, "hang" waits for the launcher's 300 s timeout)
 
 
+@pytest.mark.two_process
 def test_an_uneven_evaluation_split_over_two_processes_does_not_hang(tiny_lm_dir, tmp_path):
     code, err, _ = launch_two(tiny_lm_dir, tmp_path, "uneven")
     assert code == 0, err[-4000:]

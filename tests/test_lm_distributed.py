@@ -21,7 +21,8 @@ import torch
 
 import dist_grad_worker as worker
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
+# one thread (lm_fixtures.one_thread); 2-process launches, one at a time under xdist (conftest.py)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.two_process]
 
 ROOT = Path(__file__).resolve().parents[1]
 

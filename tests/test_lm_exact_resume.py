@@ -92,7 +92,8 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert read_jsonl(a / log) == read_jsonl(b / log)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora_value_head", "two_processes", "dapo_tis", "trpo_remax"])
+@pytest.mark.parametrize("kind", ["full", "lora_value_head", pytest.param("two_processes", marks=pytest.mark.two_process),
+                                  "dapo_tis", "trpo_remax"])
 def test_sigkill_then_resume_is_the_same_run(tiny_lm_dir, tmp_path, kind):
     flags = {"full": (), "lora_value_head": ("--lora-r", "4", "--estimator", "gae"),
              "two_processes": (),

@@ -124,6 +124,7 @@ def test_tiny_model_learns_to_write_digits_with_trpo(tiny_lm_dir, tmp_path):
     assert all(0 < r["policy/kl"] <= 0.1 * (1 + 1e-4) for r in rows)
 
 
+@pytest.mark.two_process
 def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tiny_lm_dir, tmp_path):
     """DDP over gloo: each process holds half of a fixed batch; the gradient, the Fisher-vector
     products, the surrogate and the KL are sums over both, so the step (and the value head's AdamW

@@ -11,7 +11,8 @@ import dist_whiten_worker as worker
 from pg_lm.core import masked_whiten
 from test_lm_distributed import CPU_DDP, ROOT
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
+# one thread (lm_fixtures.one_thread); 2-process launches, one at a time under xdist (conftest.py)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.two_process]
 
 
 def test_global_whitening_over_two_processes_equals_one_process(tiny_lm_dir, tmp_path):
