@@ -102,8 +102,8 @@ class LMConfig(PromptConfig):
     max_steps: int = arg(200, "optimizer steps (each: sample, score, update)")
     max_seconds: float | None = arg(None, "stop training after this many seconds (final evaluation still runs)")
     prompts_per_step: int = arg(4, "prompts per step per process")
-    # 8 samples and 16 tokens: the arithmetic recipe's measured best (held-out accuracy 0.01 -> 0.84 in 640 s on
-    # 2 CPU cores); more samples per prompt give the leave-one-out baseline a steadier estimate per step
+    # 8 samples and 16 tokens: the arithmetic recipe's measured best (BENCHMARKS.md section 11); more samples
+    # per prompt give the leave-one-out baseline a steadier estimate per step
     samples_per_prompt: int = arg(8, "G: completions sampled per prompt")
     max_new_tokens: int = arg(16, "completion token limit during training (also the evaluation's, by default)")
     # estimator
