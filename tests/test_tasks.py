@@ -12,7 +12,7 @@ import torch
 from lm_fixtures import make_tokenizer, read_jsonl
 from pg_lm.cli import main
 from pg_lm.lm.config import TASK_NAMES
-from pg_lm.tasks import TASKS, count_progress, countdown_reward, tagged_answer
+from pg_lm.tasks import TASKS, count_progress, countdown_reward, rounding_reward, sorting_reward, tagged_answer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
 
@@ -21,7 +21,7 @@ def test_task_names_are_the_flag_choices(capsys):
     assert TASK_NAMES == tuple(TASKS)
     with pytest.raises(SystemExit):
         main(["lm", "--help"])
-    assert "{arithmetic,countdown,tagged,counting}" in capsys.readouterr().out
+    assert "{arithmetic,countdown,tagged,counting,rounding,sorting}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -33,6 +33,28 @@ def test_a_task_is_a_seeded_split_of_distinct_prompts(name):
     assert list(held_out["prompt"]) == list(held_again["prompt"]) and list(train["prompt"][:20]) == list(again["prompt"][:20])
     assert list(held_out["prompt"]) != list(other["prompt"])
     assert not set(held_out["prompt"]) & set(train["prompt"])  # held out means unseen
+
+
+def test_rounding_reward_gives_the_near_miss_half():
+    _, held_out, _ = TASKS["rounding"](num_eval=5)
+    rows = held_out.to_list()
+    assert rounding_reward(["p"] * 5, [r["answer"] for r in rows], [r["answer"] for r in rows],
+                           [r["number"] for r in rows]) == [1.0] * 5
+    cases = [("400", 1.0), ("It rounds to 400.", 1.0), ("350", 0.5), ("360", 0.0), ("355", 0.0), ("", 0.0),
+             ("350, so 400", 1.0)]  # the last number counts
+    got = rounding_reward(["p"] * len(cases), [c for c, _ in cases], ["400"] * len(cases), [352] * len(cases))
+    assert got == [r for _, r in cases]
+    assert rounding_reward(["p"], ["300"], ["300"], [349]) == [1.0] and rounding_reward(["p"], ["400"], ["400"], [350]) == [1.0]
+
+
+def test_sorting_reward_is_the_list_or_credit_per_place():
+    _, held_out, _ = TASKS["sorting"](num_eval=5)
+    rows = held_out.to_list()
+    assert sorting_reward(["p"] * 5, [r["answer"] for r in rows], [r["answer"] for r in rows]) == [1.0] * 5
+    cases = [("7, 19, 42", 1.0), ("7,19,42 done", 1.0), ("7, 42, 19", 0.3), ("19, 7, 42", 0.3), ("42, 19, 7", 0.3),
+             ("7, 19", 0.6), ("1, 2, 3", 0.0), ("", 0.0), ("7, 19, 42, 50", 1.0)]
+    got = sorting_reward(["p"] * len(cases), [c for c, _ in cases], ["7, 19, 42"] * len(cases))
+    assert got == pytest.approx([r for _, r in cases])
 
 
 def test_countdown_reward_checks_the_expression():

@@ -43,6 +43,7 @@ class TrainState:
     step: int = 0  # optimizer rounds (rollouts) done; with the seed it fixes the data position
     skipped_steps: int = 0  # updates skipped for a non-finite value, over the whole run
     bad_in_row: int = 0  # ... of them in a row, up to now (--max-bad-steps)
+    no_signal_steps: int = 0  # steps in a row without a learning signal, up to now (--collapse-steps, monitor.py)
     summary: dict = field(default_factory=dict)  # what the run has summarised so far (eval before training)
     prior_wall_s: float = 0.0  # seconds spent by earlier runs of a resumed run
     t0: float = field(default_factory=time.perf_counter)  # when this process's run started
@@ -162,6 +163,7 @@ def save_checkpoint(trainer, summary: dict) -> Path:
             torch.save(head, folder / "value_head.pt")
         state = {"step": st.step, "optimizer": optimizer, "scheduler": trainer.sched.state_dict(),
                  "kl_coef": st.kl_coef, "skipped_steps": st.skipped_steps, "bad_in_row": st.bad_in_row,
+                 "no_signal_steps": st.no_signal_steps,
                  "summary": summary, "wall_s": st.elapsed(), "rng": rng, "structure": structure(cfg)}
         torch.save(state, folder / "trainer_state.pt")
 
@@ -204,6 +206,7 @@ def load_trainer_state(st: TrainState, acc, policy, opt, sched, state: dict) -> 
     sched.load_state_dict(state["scheduler"])
     st.kl_coef = state["kl_coef"]
     st.skipped_steps, st.bad_in_row = state.get("skipped_steps", 0), state.get("bad_in_row", 0)
+    st.no_signal_steps = state.get("no_signal_steps", 0)
     st.summary = state.get("summary", {})
     st.prior_wall_s = state.get("wall_s", 0.0)
     rngs, rank = state.get("rng"), acc.process_index

@@ -15,7 +15,7 @@ UPDATES = ("gradient", "trpo")
 BASELINES = ("none", "value", "batch_mean", "group_mean", "loo", "remax")
 
 
-TASK_NAMES = ("arithmetic", "countdown", "tagged", "counting")  # pg_lm.tasks.TASKS (a test keeps them equal)
+TASK_NAMES = ("arithmetic", "countdown", "tagged", "counting", "rounding", "sorting")  # pg_lm.tasks.TASKS (a test keeps them equal)
 
 
 @dataclass
@@ -191,6 +191,9 @@ class LMConfig(PromptConfig):
     resume: bool = arg(False, "continue the same run from output_dir's newest intact checkpoint")
     # failures
     max_bad_steps: int = arg(3, "stop after this many updates in a row skipped for a non-finite value")
+    collapse_steps: int = arg(20, "warn when this many steps in a row had no learning signal (in nearly every group "
+                                  "all samples scored the same; docs/learning-signal.md); 0 = never")
+    stop_on_collapse: bool = arg(False, "end the run (with its final evaluation) when that warning is given")
     report_to: str = arg("none", "extra tracker through Accelerate", ("none", "tensorboard", "wandb"))
     progress: bool = arg(True, "show a progress bar")
 
@@ -215,7 +218,7 @@ class LMConfig(PromptConfig):
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         for name in ("kl_coef", "entropy_coef", "vf_coef", "lora_r", "eval_every", "save_every", "warmup_steps",
-                     "weight_decay"):
+                     "weight_decay", "collapse_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm == 0:  # as in the gym backend: 0 = off (clipping to norm 0 would zero every update)

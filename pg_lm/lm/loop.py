@@ -12,7 +12,7 @@ import torch
 
 from pg_lm.run.signals import Interrupted, stop_on_signals
 
-from . import credit
+from . import credit, monitor
 from .checkpoint import save_checkpoint
 from .evaluate import truncation_warning
 from .peers import PeerWatch
@@ -66,11 +66,28 @@ def _run(tr) -> dict:
                 acc.print(f"stopping at step {st.step}: --max-seconds {cfg.max_seconds} reached")
                 break
             stats = tr.train_step()
+            verdict = _watch(tr, stats, summary)
             _after_step(tr, stats, bar, (time.perf_counter() - t_start) / (st.step - steps_at_start))
             if cfg.save_every and st.step % cfg.save_every == 0:
                 saved = st.step, save_checkpoint(tr, summary)
+            if verdict == "collapsed" and cfg.stop_on_collapse:
+                acc.print(f"stopping at step {st.step}: --stop-on-collapse")
+                break
     bar.close()
     return _finish(tr, summary, st.step - steps_at_start)
+
+
+def _watch(tr, stats: dict, summary: dict) -> str | None:
+    """The learning-signal monitor's verdict on this step (:mod:`.monitor`), printed and kept in
+    ``summary`` (``learning``; a collapse's warning in ``warnings``) the step it is reached."""
+    verdict = monitor.watch(tr.state, stats, tr.cfg.collapse_steps)
+    if verdict is not None:
+        line = monitor.message(verdict, stats, tr.state.step, tr.cfg.collapse_steps)
+        tr.acc.print(line)
+        summary["learning"] = verdict
+        if verdict == "collapsed":
+            summary.setdefault("warnings", []).append(line)
+    return verdict
 
 
 def _after_step(tr, stats: dict, bar, per_step: float) -> None:
@@ -99,7 +116,7 @@ def _finish(tr, summary: dict, steps_this_run: int) -> dict:
         acc.print(f"eval after training: {brief(after)} (reward before {summary['eval/reward_before']:.3f})")
         warning = truncation_warning(after, cfg.eval_tokens, "--eval-max-new-tokens")
         if warning:  # the reward of a cut answer says little about what the policy learned
-            summary["warnings"] = [warning]
+            summary.setdefault("warnings", []).append(warning)
             acc.print(warning)
     summary.update({"train/steps": st.step, "wall_s": st.elapsed(), "train/steps_this_run": steps_this_run,
                     "num_processes": acc.num_processes, "model": cfg.model})

@@ -42,13 +42,18 @@ class Rollout:
     def lengths(self) -> Tensor:
         return self.completion_mask.sum(1).long()  # (B,)
 
-    def stats(self, per_fn: dict) -> dict:
-        """The batch's reward and length statistics (``per_fn``: each reward function's (B,) rewards)."""
+    def stats(self, per_fn: dict, pass_threshold: float) -> dict:
+        """The batch's reward and length statistics (``per_fn``: each reward function's (B,) rewards):
+        ``reward/solved_frac`` is the share of completions scoring ``pass_threshold`` or more,
+        ``completion/distinct_frac`` the share of a group's completions that differ from one another."""
         lengths = self.completion_mask.sum(1).float()  # (B,)
+        G, seqs = self.group_size, [tuple(r[:n]) for r, n in zip(self.completion_ids.tolist(), self.lengths.tolist())]
         out = {"reward/mean": self.scores.mean(), "reward/std": self.scores.std() if len(self.scores) > 1 else 0.0,
                **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
+               "reward/solved_frac": (self.scores >= pass_threshold).float().mean(),
                "completion/length": lengths.mean(), "completion/length_max": lengths.max(),
-               "completion/truncated_frac": self.truncated.float().mean()}
+               "completion/truncated_frac": self.truncated.float().mean(),
+               "completion/distinct_frac": sum(len(set(seqs[i : i + G])) for i in range(0, len(seqs), G)) / len(seqs)}
         if self.greedy_scores is not None:  # ReMax's baseline: the greedy completions' mean reward
             out["reward/greedy"] = self.greedy_scores.mean()
         return out

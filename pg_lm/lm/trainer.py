@@ -160,7 +160,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.policy.eval()
         batch, per_fn = self._draw(*self.prompts(step), lm, context)
-        stats = batch.stats(per_fn)
+        stats = batch.stats(per_fn, cfg.pass_threshold)
         if cfg.samples_per_prompt > 1:
             zero = zero_spread_groups(batch.scores, cfg.samples_per_prompt)  # (groups,)
             stats["reward/zero_spread_frac"] = zero.float().mean()
