@@ -38,6 +38,7 @@ from .natural import (
     natural_gradient_step,
     step_scale,
 )
+from .turns import spread_over_turns, turn_advantages, turn_gae, turn_returns
 from .variance import debiased_snr, gradient_moments, gradient_summary, welford_update
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "kl_estimate", "last_step_mask", "leave_one_out_baseline", "log_ratio", "masked_mean", "masked_sum",
     "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "remax_baseline", "sampler_is_weights", "sampler_log_ratio", "value_loss",
     "zero_spread_groups",
+    # credit over episodes of many turns
+    "spread_over_turns", "turn_advantages", "turn_gae", "turn_returns",
     # the natural-gradient (TRPO) step
     "assign_flat", "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product",
     "flat_grad", "gaussian_kl", "natural_gradient_step", "step_scale",
