@@ -37,6 +37,7 @@ class Rollout:
     scores: Tensor | None = None  # (B,) total task reward of each completion
     greedy_scores: Tensor | None = None  # (B,) ReMax: the total task reward of the row's prompt's greedy completion
     group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
+    turn_end: Tensor | None = None  # (B, T) bool, episodes of many turns (episodes.py): each turn's last action token
 
     @property
     def lengths(self) -> Tensor:

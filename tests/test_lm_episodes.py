@@ -1,0 +1,161 @@
+"""Episodes of many turns (pg_lm/lm/episodes.py) on the tiny model: the tokens trained on are the
+tokens sampled, observations enter as the template's token delta (equal to a full re-render), one
+action mask, rewards on each turn's last action token, truncation by turns and by tokens, a group
+shares its start, and a failing environment is named or ends its episode as asked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lm_fixtures import make_tokenizer
+from pg_lm.envs import EnvError
+from pg_lm.lm import episodes as ep
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see lm_fixtures.one_thread
+
+
+class Counter:
+    """Says "t<k>" after turn k, reward 0.25 a turn; terminates after ``turns`` turns."""
+
+    def __init__(self, turns=3):
+        self.turns, self.k, self.seed = turns, 0, None
+
+    def reset(self, *, seed, row=None):
+        self.seed, self.k = seed, 0
+        return f"start {seed}"
+
+    def step(self, action):
+        self.k += 1
+        return f"t{self.k}", 0.25, self.k >= self.turns, False, {}
+
+
+@pytest.fixture(scope="module")
+def lm_tok(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval(), AutoTokenizer.from_pretrained(tiny_lm_dir)
+
+
+def run(lm_tok, make_env=Counter, seeds=(7, 8), G=2, **kw):
+    lm, tok = lm_tok
+    settings = dict(group_size=G, max_turns=5, max_new_tokens=6, max_episode_tokens=400)
+    settings.update(kw)
+    return ep.run_episodes(lm, tok, make_env, list(seeds), [None] * len(seeds), ep.check_template(tok, "tiny"),
+                           **settings)
+
+
+def test_the_episode_is_the_conversation_rendered_at_once(lm_tok):
+    """Char-level tokenizer: the trained tokens decode to exactly the template's rendering of the
+    conversation with the sampled actions; observation and template tokens are off the action mask."""
+    torch.manual_seed(1)
+    b = run(lm_tok)
+    tok = lm_tok[1]
+    assert b.completion_ids.shape[0] == 4 and b.group_size == 2
+    for i in range(4):
+        m = b.completion_mask[i].bool()
+        ids = b.completion_ids[i][: int(torch.nonzero(b.completion_mask[i] + b.turn_end[i]).max()) + 1].tolist()
+        text = tok.decode(b.prompt_ids[i][b.prompt_mask[i].bool()].tolist() + ids)
+        actions = [tok.decode(b.completion_ids[i][j].tolist()) for j in _runs(m)]
+        assert len(actions) == int(b.turn_end[i].sum()) <= 3
+        msgs = [{"role": "user", "content": f"start {7 + i // 2}"}]
+        for k, a in enumerate(actions):
+            msgs.append({"role": "assistant", "content": a.removesuffix("</s>")})
+            if k < len(actions) - 1:
+                msgs.append({"role": "user", "content": f"t{k + 1}"})
+        want = tok.apply_chat_template(msgs, tokenize=False)
+        assert want.startswith(text.replace("</s>", "")) and text.endswith(actions[-1])
+        assert all(not bool(b.completion_mask[i, j]) for j in range(len(ids)) if not m[j])
+        # each turn's reward on its last action token, nowhere else
+        assert torch.equal(b.rewards[i] != 0, b.turn_end[i]) and float(b.scores[i]) == 0.25 * len(actions)
+        assert (b.sampler_logp[i][~m] == 0).all() and (b.sampler_logp[i][m] < 0).all()
+
+
+def _runs(mask):
+    """Index tensors of each run of 1s in a (T,) bool mask."""
+    out, cur = [], []
+    for j, on in enumerate(mask.tolist()):
+        if on:
+            cur.append(j)
+        elif cur:
+            out.append(torch.tensor(cur))
+            cur = []
+    return out + ([torch.tensor(cur)] if cur else [])
+
+
+def test_actions_are_the_sampled_tokens(lm_tok, monkeypatch):
+    """Whatever the generation returned (up to its EOS) is what the record holds at the action mask."""
+    drawn = []
+    real = ep.generate
+
+    def spy(*a, **kw):
+        tokens, logps = real(*a, **kw)
+        drawn.append(tokens.clone())
+        return tokens, logps
+
+    monkeypatch.setattr(ep, "generate", spy)
+    torch.manual_seed(2)
+    b = run(lm_tok, seeds=(3,), G=1, max_turns=2)
+    eos = lm_tok[1].eos_token_id
+    got = b.completion_ids[0][b.completion_mask[0].bool()].tolist()
+    want = []
+    for t in drawn:
+        row = t[0].tolist()
+        want += row[: row.index(eos) + 1] if eos in row else row
+    assert got == want
+
+
+def test_turns_and_tokens_truncate_never_crash(lm_tok):
+    torch.manual_seed(3)
+    b = run(lm_tok, lambda: Counter(turns=10), seeds=(1,), G=2, max_turns=2)
+    assert b.truncated.all() and (b.turn_end.sum(1) == 2).all()
+    b = run(lm_tok, lambda: Counter(turns=10), seeds=(1,), G=2, max_turns=50, max_episode_tokens=40)
+    assert b.truncated.all()
+    assert ((b.prompt_mask.sum(1) + torch.tensor([int(torch.nonzero(r).max()) + 1 for r in b.completion_mask]))
+            <= 40).all()
+    b = run(lm_tok, lambda: Counter(turns=1), seeds=(1,), G=2)
+    assert not b.truncated.any() and (b.turn_end.sum(1) == 1).all()
+
+
+def test_a_group_shares_its_start(lm_tok):
+    b = run(lm_tok, seeds=(11, 12), G=3, max_turns=1)
+    assert b.prompts == ["start 11"] * 3 + ["start 12"] * 3
+
+
+class Broken(Counter):
+    def step(self, action):
+        raise RuntimeError("the game crashed")
+
+
+class Slow(Counter):
+    def step(self, action):
+        time.sleep(5)
+        return super().step(action)
+
+
+class WrongType(Counter):
+    def step(self, action):
+        return "obs", "1.0", False, False, {}
+
+
+def test_a_failing_environment_is_named_or_ends_its_episode(lm_tok):
+    with pytest.raises(EnvError, match=r"Broken.step \(episode 0, turn 0\) raised RuntimeError: the game crashed"):
+        run(lm_tok, Broken, seeds=(1,), G=1)
+    with pytest.raises(EnvError, match=r"Slow.step \(episode 0, turn 0\) did not return within --env-timeout 0.2 s"):
+        run(lm_tok, Slow, seeds=(1,), G=1, env_timeout=0.2)
+    with pytest.raises(EnvError, match=r"WrongType.step \(episode 0\): the reward is '1.0'"):
+        run(lm_tok, WrongType, seeds=(1,), G=1)
+    b = run(lm_tok, Broken, seeds=(1,), G=2, env_error_reward=-1.0)  # asked for: the episode ends with that reward
+    assert b.scores.tolist() == [-1.0, -1.0] and not b.truncated.any()
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{{ messages|length }}{% endfor %}"
+    with pytest.raises(ValueError, match="tiny-bad's chat template does not preserve prefixes"):
+        ep.check_template(tok, "tiny-bad")
+    with pytest.raises(ValueError, match="need a chat template"):
+        ep.check_template(make_tokenizer(chat_template=False), "plain")
