@@ -174,12 +174,12 @@ def make_config(model_dir, output_dir, **kw):
 
 
 def make_trainer(model_dir, output_dir, reward_fns=(varied_reward,), train_dataset=None, eval_dataset=None,
-                 reward_weights=None, **kw):
+                 reward_weights=None, env=None, **kw):
     from pg_lm.lm.trainer import Trainer
 
     cfg = make_config(model_dir, output_dir, **kw)
     train_dataset = prompt_dataset() if train_dataset is None else train_dataset
-    return Trainer(cfg, list(reward_fns), train_dataset, eval_dataset, reward_weights)
+    return Trainer(cfg, list(reward_fns), train_dataset, eval_dataset, reward_weights, env=env)
 
 
 def snapshot(module) -> dict:

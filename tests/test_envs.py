@@ -97,3 +97,25 @@ def test_the_contract_checks_name_the_environment_and_the_episode():
     with pytest.raises(EnvError, match="must be bools"):
         check_step(env, ("o", 0.0, 1, False, {}), 1)
     assert check_step(env, ("o", 1, True, False, None), 1) == ("o", 1.0, True, False, {})
+
+
+def test_the_documented_environment_runs_as_written():
+    """docs/environments.md's 20-line environment, executed as the page shows it."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    code = next(block for block in page.split("```python")[1:] if "class Hangman" in block).split("```")[0]
+    assert len(code.strip().splitlines()) <= 25
+    space: dict = {}
+    exec(code, space)
+    env = space["Hangman"](words=("apple",))
+    assert "5-letter" in check_reset(env, env.reset(seed=0), 0)
+    assert check_step(env, env.step("a"), 0) == ("a____", 0.0, False, False, {})
+    assert check_step(env, env.step("z"), 0)[1] == pytest.approx(-0.1)
+    for letter in "ple":
+        out = check_step(env, env.step(letter), 0)
+    assert out == ("", 1.0, True, False, {})
+    env.reset(seed=0)
+    for letter in "bcdfgh":
+        out = check_step(env, env.step(letter), 0)
+    assert out[3] is True  # six misses: truncated

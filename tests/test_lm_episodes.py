@@ -159,3 +159,83 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
         ep.check_template(tok, "tiny-bad")
     with pytest.raises(ValueError, match="need a chat template"):
         ep.check_template(make_tokenizer(chat_template=False), "plain")
+
+
+class Varied(Counter):
+    """Counter whose reward depends on the action (so a group's episodes differ)."""
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, float(sum(map(ord, action)) % 5) / 4, terminated, truncated, info
+
+
+def test_a_training_step_on_an_environment_moves_the_policy_and_credits_actions_only(tiny_lm_dir, tmp_path):
+    """One step of each credit mode: the weights move, observation / prompt / padding positions get
+    advantage 0, the metrics count turns."""
+    from lm_fixtures import make_trainer, snapshot
+
+    for credit in ("episode", "turn", "gae"):
+        tr = make_trainer(tiny_lm_dir, tmp_path / credit, reward_fns=(), env=lambda: Varied(turns=2), credit=credit,
+                          max_turns=3, max_new_tokens=4, lr=1e-2, turn_gamma=0.9, train_dataset=None)
+        batch, _ = tr.rollout()
+        adv, ret = tr.advantages(batch)
+        off = batch.completion_mask == 0
+        assert (adv[off] == 0).all() and (batch.turn_end.sum(1) == 2).all()
+        before = snapshot(tr.acc.unwrap_model(tr.policy))
+        stats = tr.train_step()
+        after = snapshot(tr.acc.unwrap_model(tr.policy))
+        assert any(not torch.equal(before[n], after[n]) for n in before), credit
+        assert stats["episode/turns"] == 2.0 and 0 <= stats["reward/mean"] <= 2.0
+        assert tr.cfg.env.startswith("python:") and tr.cfg.uses_value_head == (credit == "gae")
+
+
+def test_cli_trains_on_a_users_environment_file(tiny_lm_dir, tmp_path):
+    import json
+
+    from pg_lm.cli import main
+
+    env_file = tmp_path / "my_env.py"
+    env_file.write_text(
+        "class Echo:\n"
+        "    def reset(self, *, seed, row=None):\n"
+        "        self.n = 0\n"
+        "        return 'say a'\n"
+        "    def step(self, action):\n"
+        "        self.n += 1\n"
+        "        return 'again', float('a' in action), self.n >= 2, False, {}\n")
+    out = tmp_path / "run"
+    code = main(["lm", "--model", tiny_lm_dir, "--env", f"{env_file}:Echo", "--output-dir", str(out), "--max-steps", "2",
+                 "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--max-turns", "3",
+                 "--progress", "false", "--mixed-precision", "no", "--lora-r", "0"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train/steps"] == 2
+    assert main(["lm", "--model", tiny_lm_dir, "--env", f"{env_file}:Nope", "--output-dir", str(out)]) == 2
+
+
+def test_observation_prompt_and_padding_positions_get_exactly_zero_gradient(tiny_lm_dir, tmp_path):
+    """The whole loss (policy term with PPO's ratio, entropy bonus, KL to the reference in the loss)
+    has gradient 0 at every position off the action mask, and what the record holds there -- old,
+    sampler and reference log-probs set to NaN -- never enters it."""
+    from lm_fixtures import make_trainer
+
+    from pg_lm.lm.loss import micro_loss
+
+    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=(), env=lambda: Varied(turns=3), max_turns=3, max_new_tokens=4,
+                      entropy_coef=0.01, kl_coef=0.1, kl_in="loss", num_minibatches=2, clip_low=0.2,
+                      sampler_correction="tis")
+    torch.manual_seed(4)
+    batch, _ = tr.rollout()
+    adv, ret = tr.advantages(batch)
+    on = batch.completion_mask.bool()
+    assert (~on & batch.attention.bool()).any()  # there are observation tokens
+    for name in ("logp", "sampler_logp", "ref_logp"):
+        setattr(batch, name, torch.where(on, getattr(batch, name), torch.nan))
+    logp, values, ent = tr.forward(batch, grad=True)
+    logp, ent = logp.detach().requires_grad_(), ent.detach().requires_grad_()
+    counts = (float(on.sum()), float(len(adv)))
+    loss, parts, bad = micro_loss(tr.cfg, tr.state.kl_coef, batch, (logp, values, ent), adv, ret, counts, counts)
+    assert bad is None and torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in parts.values())
+    g_logp, g_ent = torch.autograd.grad(loss, [logp, ent])
+    assert (g_logp[~on] == 0).all() and (g_ent[~on] == 0).all()
+    assert g_logp[on].abs().sum() > 0 and g_ent[on].abs().sum() > 0

@@ -31,7 +31,7 @@ from pg_lm.run.checkpoints import commit, find_resumable, rng_state, set_rng_sta
 # what a checkpoint must agree with the resuming run on: which weights it holds, their shapes and
 # what they mean (a value head exists for the estimators and baselines that learn V). Other flags
 # (steps, learning rate, sampling...) may change on resume.
-STRUCTURE = ("model", "lora_r", "lora_alpha", "lora_target_modules", "estimator", "baseline")
+STRUCTURE = ("model", "lora_r", "lora_alpha", "lora_target_modules", "estimator", "baseline", "credit")
 
 
 @dataclass

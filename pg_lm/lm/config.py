@@ -106,6 +106,20 @@ class LMConfig(PromptConfig):
     # per prompt give the leave-one-out baseline a steadier estimate per step
     samples_per_prompt: int = arg(8, "G: completions sampled per prompt")
     max_new_tokens: int = arg(16, "completion token limit during training (also the evaluation's, by default)")
+    # episodes of many turns (docs/environments.md)
+    env: str | None = arg(None, "train on episodes of many turns in an environment: a built-in (guess, tool, "
+                          "frozenlake) or path/to/file.py:Class / module:Class; --max-new-tokens is then per turn")
+    max_turns: int = arg(4, "turns per episode at most (then it is truncated)")
+    max_episode_tokens: int = arg(512, "prompt and episode tokens at most: an episode that would outgrow it is truncated")
+    env_timeout: float | None = arg(None, "seconds an environment's reset / step may take (None = no limit)")
+    env_error_reward: float | None = arg(None, "an environment that raises or hangs ends its episode with this reward "
+                                         "(None: the run stops, naming the environment and the episode)")
+    credit: str = arg("episode", "credit over turns: the episode's return minus --baseline on every action token; "
+                      "each turn's return-to-go minus a group baseline (--turn-baseline); or GAE with a value head "
+                      "over action tokens", ("episode", "turn", "gae"))
+    turn_gamma: float = arg(1.0, "discount between turns (--credit turn / gae; --gamma is the discount between tokens)")
+    turn_baseline: str = arg("episode", "--credit turn's group baseline: over the group's episodes, or over the same "
+                             "turn index (biased when the policy decides how long episodes last)", ("episode", "turn_index"))
     # estimator
     loss_type: str | None = arg(None, "a preset under the name people know, expanding to the flags of docs/algorithms.md "
                                 "(printed and saved in config.json); a flag given with it overrides a tunable value, "
@@ -241,6 +255,24 @@ class LMConfig(PromptConfig):
             raise ValueError("--kl-estimator k1 belongs in the reward (its gradient as a loss is wrong): use --kl-in reward")
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ValueError("--kl-target (adaptive KL) needs an initial --kl-coef > 0")
+        self._check_episodes()
+
+    def _check_episodes(self) -> None:
+        """An environment's run: the credit mode chooses the estimator; what needs one completion per row is refused."""
+        if self.env is None:
+            return
+        for bad, why in ((self.estimator != "reinforce", "--estimator gae (use --credit gae)"),
+                         (self.baseline in ("value", "remax"), f"--baseline {self.baseline}"),
+                         (self.dynamic_sampling, "--dynamic-sampling"), (self.scale_rewards and self.credit != "episode",
+                                                                         "--scale-rewards without --credit episode")):
+            if bad:
+                raise ValueError(f"--env: {why} is not supported with episodes of many turns")
+        if self.max_turns <= 0 or self.max_episode_tokens <= 0:
+            raise ValueError("--max-turns and --max-episode-tokens must be > 0")
+        if not 0.0 <= self.turn_gamma <= 1.0:
+            raise ValueError(f"--turn-gamma must be in [0, 1], got {self.turn_gamma}")
+        if self.env_timeout is not None and self.env_timeout <= 0:
+            raise ValueError(f"--env-timeout must be > 0 (or None), got {self.env_timeout}")
 
     def _check_batches_and_outputs(self) -> None:
         """The step's rows split into the minibatches; checkpoints kept; the held-out split."""
@@ -301,7 +333,7 @@ class LMConfig(PromptConfig):
 
     @property
     def uses_value_head(self) -> bool:
-        return self.estimator == "gae" or self.baseline == "value"
+        return self.estimator == "gae" or self.baseline == "value" or (self.env is not None and self.credit == "gae")
 
     @property
     def reuses_rollout(self) -> bool:

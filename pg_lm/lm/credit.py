@@ -53,7 +53,7 @@ def token_rows(batch, adv: Tensor, tok, step: int, group_size: int, kl_estimator
     the reference's (present only when the run has a reference); the value is V(s_t) before each
     token (present only with a value head). Rows i·G .. i·G+G-1 are group i.
     """
-    n_tok = batch.lengths.tolist()  # (B,)
+    n_tok = batch.attention.sum(1).long().tolist()  # (B,) every real token (an episode's observations too)
     ids = batch.completion_ids.tolist()
     logp = batch.logp if batch.logp is not None else batch.sampler_logp  # (B, T) or None
     kl = None
@@ -66,5 +66,7 @@ def token_rows(batch, adv: Tensor, tok, step: int, group_size: int, kl_estimator
         for name, x in (("advantage", adv), ("logp", logp), ("kl", kl), ("value", batch.values)):
             if x is not None:
                 row[name] = _numbers(x[i], n)
+        if batch.completion_attention is not None:  # an episode: which tokens the policy sampled
+            row["action"] = [int(a) for a in batch.completion_mask[i, :n].tolist()]
         rows.append(row)
     return rows

@@ -1,4 +1,5 @@
-"""Every reduction over a run's processes in one place, and FSDP2's whole-weights context.
+"""Every reduction over a run's processes in one place, FSDP2's whole-weights context, and the model
+sampling runs on.
 
 The language-model trainer needs a handful of collectives: global token counts for the loss
 denominators, the largest count over processes (so that every process runs the same number of
@@ -9,7 +10,7 @@ process see a non-finite value" or "was a signal caught". With one process each 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -90,3 +91,19 @@ def full_weights(model):
         for m, reshard in zip(sharded, before):
             m.reshard()
             m.set_reshard_after_forward(reshard, recurse=False)
+
+
+def sampling_lm(acc, policy, sampler):
+    """(the causal LM to sample from, a function making the context to sample in): under the CPU
+    layer in bf16/fp16 its sampling copy ``sampler``, with no autocast; else the policy's own LM
+    under autocast, with its whole weights (:func:`full_weights`, for FSDP2). A function, not a
+    context: ``Accelerator.autocast()`` is a generator context that can be entered only once."""
+    if sampler is not None:
+        return sampler.lm, nullcontext
+
+    @contextmanager
+    def context():
+        with full_weights(policy), acc.autocast():
+            yield
+
+    return acc.unwrap_model(policy).lm, context

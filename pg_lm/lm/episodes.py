@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pg_lm.envs import EnvError, check_reset, check_step
+from pg_lm.envs import EnvError, check_reset, check_step, load_env
 
 from .rollout import Rollout
 from .sampling import _adds_special, eos_token_ids, format_prompts, generate
@@ -224,4 +224,39 @@ def _record(episodes: list[_Episode], tok, pad: int, group_size: int, device) ->
         sampler_logp=right([e.logp for e in episodes], 0.0, torch.float32),
         rewards=rewards, scores=rewards.sum(1), group_size=group_size,
         turn_end=right([e.turn_end for e in episodes], False, torch.bool),
+        completion_attention=right([[1.0] * len(e.ids) for e in episodes], 0.0, torch.float32),
     )
+
+
+def env_name(env) -> str:
+    """How ``config.json`` records an environment given from Python (``train(cfg, env=...)``)."""
+    return f"python:{getattr(env, '__name__', type(env).__name__)}"
+
+
+def resolve_env(cfg, env, reward_fns):
+    """The function making the run's environments (``env``, else ``--env``), or None: a run without
+    one. An environment gives the rewards: reward functions beside it are refused."""
+    if env is None and cfg.env is None:
+        return None
+    if reward_fns:
+        raise ValueError("--env: the environment gives the rewards; reward functions are not supported with it")
+    return env if env is not None else load_env(cfg.env)
+
+
+def step_episodes(tr, step: int, lm, context) -> Rollout:
+    """The episodes of training step ``step`` of the trainer ``tr``: ``--prompts-per-step`` groups of
+    ``--samples-per-prompt`` episodes on this process, each group's seed a function of the run's
+    seed, the step and the group (so a resumed run plays the same games); with a dataset, each group
+    gets the step's row as ``reset(row=...)``."""
+    cfg, n, rank = tr.cfg, tr.cfg.prompts_per_step, tr.acc.process_index
+    seeds = [(cfg.seed * 1_000_003 + step) * 10_007 + rank * n + k for k in range(n)]
+    rows = [None] * n
+    if tr.train_ds is not None:
+        prompts, cols = tr.prompts(step)
+        rows = [{"prompt": p, **{c: v[k] for c, v in cols.items()}} for k, p in enumerate(prompts)]
+    with context():
+        return run_episodes(lm, tr.tok, tr.make_env, seeds, rows, tr.delta, group_size=cfg.samples_per_prompt,
+                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                            max_episode_tokens=cfg.max_episode_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k, chat_template=cfg.chat_template, cpu_layer=tr.cpu_layer,
+                            env_timeout=cfg.env_timeout, env_error_reward=cfg.env_error_reward)

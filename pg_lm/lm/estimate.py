@@ -9,6 +9,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from pg_lm.core import (
+    spread_over_turns,
+    turn_advantages,
+    turn_gae,
+    turn_returns,
     batch_mean_baseline,
     discounted_returns,
     gae,
@@ -92,3 +96,53 @@ def adaptive_kl_coef(coef: float, kl_per_seq: float, target: float, horizon: int
     sequence toward ``target`` over ``horizon`` samples."""
     err = max(min(kl_per_seq / target - 1.0, 0.2), -0.2)
     return coef * (1.0 + err * batch_size / horizon)
+
+
+def _sequence_baseline(baseline: str, g0: Tensor, group_size: int) -> Tensor:
+    """(B,) the baseline ``--baseline`` takes from each row's return ``g0`` (B,)."""
+    if baseline == "none":
+        return g0 * 0
+    if baseline == "batch_mean":
+        return batch_mean_baseline(g0)
+    if baseline == "group_mean":
+        return group_mean_baseline(g0, group_size)
+    if baseline == "loo":
+        return leave_one_out_baseline(g0, group_size)
+    raise ValueError(f"baseline {baseline!r} is not supported with episodes of many turns")
+
+
+def episode_advantages(credit: str, baseline: str, rewards: Tensor, mask: Tensor, turn_end: Tensor,
+                       values: Tensor | None, truncated: Tensor, group_size: int, gamma: float, lam: float,
+                       turn_gamma: float, turn_baseline: str, scale_rewards: bool = False,
+                       eps: float = 1e-4) -> tuple[Tensor, Tensor | None]:
+    """-> (advantages (B, T), value targets (B, T) or None) of episodes of many turns (``mask``: the
+    action mask; ``rewards`` (B, T): each turn's reward on its last action token, KL penalties per
+    token; ``turn_end`` (B, T) bool; ``truncated`` (B,) bool), as ``--credit`` says:
+
+    * ``episode``: the episode's return minus ``--baseline`` over the group, on every action token
+      (what single-completion trainers do with an episode);
+    * ``turn``: each turn's return-to-go over turns (``turn_gamma``) minus the group baseline
+      ``turn_baseline`` (:func:`pg_lm.core.turn_advantages`), on the turn's action tokens;
+    * ``gae``: :func:`pg_lm.core.turn_gae` over action tokens (``gamma`` between tokens,
+      ``turn_gamma`` between turns), bootstrapped after a truncated episode from V at its last
+      action token (the value of the state it was cut in, as far as the record holds it).
+    """
+    if credit == "gae":
+        if values is None:
+            raise ValueError("--credit gae needs values from a value head")
+        last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask != 0)  # (B, T) the last action token
+        v_last = (values * last).sum(1)  # (B,)
+        return turn_gae(rewards, values, mask, turn_end, v_last * truncated, gamma, turn_gamma, lam)
+    if credit == "turn":
+        index = (turn_end.long().cumsum(1) - turn_end.long())  # (B, T) each token's turn
+        K = max(int(turn_end.sum(1).max()), 1)
+        turn_rewards = (rewards * mask).new_zeros(mask.shape[0], K).scatter_add_(
+            1, index.clamp(max=K - 1), rewards * mask)  # (B, K)
+        taken = (index.new_tensor(range(K))[None] < turn_end.sum(1, keepdim=True)).to(rewards.dtype)  # (B, K)
+        adv = turn_advantages(turn_returns(turn_rewards, taken, turn_gamma), taken, group_size, turn_baseline)
+        return spread_over_turns(adv, mask, turn_end), None
+    g0 = (rewards * mask).sum(1)  # (B,) the episode's return
+    adv = (g0 - _sequence_baseline(baseline, g0, group_size))[:, None] * mask  # (B, T)
+    if scale_rewards:
+        adv = adv / (group_std(g0, group_size)[:, None] + eps)
+    return adv, None

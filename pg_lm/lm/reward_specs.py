@@ -28,9 +28,9 @@ def _functions_of(module) -> list[str]:
                   and getattr(v, "__module__", None) == module.__name__)
 
 
-def _import_file(path: Path, spec: str):
+def _import_file(path: Path, spec: str, flag: str = "--reward"):
     if not path.is_file():
-        raise ValueError(f"--reward {spec}: no such file {str(path)!r}")
+        raise ValueError(f"{flag} {spec}: no such file {str(path)!r}")
     name = f"pg_lm_reward_{path.stem}_{zlib.crc32(str(path.resolve()).encode()):08x}"  # one module per file
     if name in sys.modules:
         return sys.modules[name]
@@ -41,7 +41,7 @@ def _import_file(path: Path, spec: str):
         module_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise ValueError(f"--reward {spec}: importing {path} raised {type(e).__name__}: {e}") from None
+        raise ValueError(f"{flag} {spec}: importing {path} raised {type(e).__name__}: {e}") from None
     return module
 
 

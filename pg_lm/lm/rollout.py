@@ -38,6 +38,13 @@ class Rollout:
     greedy_scores: Tensor | None = None  # (B,) ReMax: the total task reward of the row's prompt's greedy completion
     group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
     turn_end: Tensor | None = None  # (B, T) bool, episodes of many turns (episodes.py): each turn's last action token
+    completion_attention: Tensor | None = None  # (B, T) 1 on every real token, observations too (None: completion_mask)
+
+    @property
+    def attention(self) -> Tensor:
+        """(B, T) the completion side's attention mask: every real token (actions and, in an episode of
+        many turns, observations); the loss and every statistic use ``completion_mask`` (actions only)."""
+        return self.completion_mask if self.completion_attention is None else self.completion_attention
 
     @property
     def lengths(self) -> Tensor:
@@ -47,8 +54,8 @@ class Rollout:
         """The batch's reward and length statistics (``per_fn``: each reward function's (B,) rewards):
         ``reward/solved_frac`` is the share of completions scoring ``pass_threshold`` or more,
         ``completion/distinct_frac`` the share of a group's completions that differ from one another."""
-        lengths = self.completion_mask.sum(1).float()  # (B,)
-        G, seqs = self.group_size, [tuple(r[:n]) for r, n in zip(self.completion_ids.tolist(), self.lengths.tolist())]
+        lengths = self.completion_mask.sum(1).float()  # (B,) action tokens
+        G, seqs = self.group_size, [tuple(r[:int(n)]) for r, n in zip(self.completion_ids.tolist(), self.attention.sum(1))]
         out = {"reward/mean": self.scores.mean(), "reward/std": self.scores.std() if len(self.scores) > 1 else 0.0,
                **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
                "reward/solved_frac": (self.scores >= pass_threshold).float().mean(),
@@ -57,6 +64,8 @@ class Rollout:
                "completion/distinct_frac": sum(len(set(seqs[i : i + G])) for i in range(0, len(seqs), G)) / len(seqs)}
         if self.greedy_scores is not None:  # ReMax's baseline: the greedy completions' mean reward
             out["reward/greedy"] = self.greedy_scores.mean()
+        if self.turn_end is not None:  # episodes of many turns
+            out["episode/turns"] = self.turn_end.sum(1).float().mean()
         return out
 
     def select(self, idx: Tensor, group_size: int = 1) -> "Rollout":

@@ -39,11 +39,18 @@ def prompts_and_rewards(cfg, reward_fns=None, train_dataset=None, eval_dataset=N
     return train_dataset, eval_dataset, reward_fns, reward_weights
 
 
-def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None) -> dict:
+def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None, reward_weights=None,
+          env=None) -> dict:
     """Train and return the summary. Datasets and rewards not passed in come from the config's
-    ``dataset`` / ``reward`` flags, else from the built-in ``cfg.task``."""
+    ``dataset`` / ``reward`` flags, else from the built-in ``cfg.task``. With ``env`` (a function
+    making a text environment: pg_lm.envs) or ``cfg.env``: episodes of many turns, rewarded by the
+    environment, on ``train_dataset``'s rows or ``--dataset``'s when given (docs/environments.md)."""
     from .trainer import Trainer
 
+    if env is not None or cfg.env is not None:
+        if train_dataset is None and cfg.dataset:
+            train_dataset, eval_dataset = prompts_and_rewards(cfg, [], None, None)[:2]
+        return Trainer(cfg, reward_fns or [], train_dataset, None, reward_weights, env=env).train()
     train_dataset, eval_dataset, reward_fns, reward_weights = prompts_and_rewards(
         cfg, reward_fns, train_dataset, eval_dataset, reward_weights)
     return Trainer(cfg, reward_fns, train_dataset, eval_dataset, reward_weights).train()

@@ -1,20 +1,17 @@
 """ONE training step for language models: sample -> score -> estimate -> update.
 
 REINFORCE-with-baseline and GAE/PPO differ only in ``estimate.advantages`` and in whether a value
-head exists. Every other job has a file of its own: rollout.py (the record), loss.py (a
-micro-batch's loss), update.py (the update and its rows), trpo.py, dynamic.py (dynamic sampling),
-health.py (non-finite values), dist.py (reductions over processes), loop.py (the run around the
-step), setup.py (the parts) and checkpoint.py (the train state).
-
-Deliberately left out: sequence packing, inference engines, reward models running on other
-processes, off-policy corrections for stale rollouts (only the sampler-learner mismatch of the
-same weights is corrected: ``--sampler-correction``).
+head exists; every other job has a file of its own (rollout, loss, update, trpo, dynamic, episodes,
+health, dist, loop, setup, checkpoint). Left out: sequence packing, inference engines, remote reward
+models, off-policy corrections for stale rollouts (only the sampler-learner mismatch of the same
+weights is corrected: ``--sampler-correction``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -22,10 +19,10 @@ from torch import Tensor
 
 from pg_lm.core import explained_variance, kl_estimate, masked_mean, masked_whiten, zero_spread_groups
 
-from . import dynamic, estimate, health, loop, trpo, update
+from . import dynamic, episodes, estimate, health, loop, trpo, update
 from .config import LMConfig
 from .data import check_dataset, step_rows
-from .dist import Collective, full_weights
+from .dist import Collective, sampling_lm
 from .evaluate import evaluate
 from .health import NonFiniteError, QUANTITIES  # noqa: F401  (the step's errors, importable from here)
 from .loss import micro_loss
@@ -42,25 +39,29 @@ class Trainer:
     :func:`~pg_lm.lm.setup.build`; what changes from step to step is ``self.state``, a
     :class:`~pg_lm.lm.checkpoint.TrainState`."""
 
-    def __init__(self, cfg: LMConfig, reward_fns, train_dataset, eval_dataset=None, reward_weights=None):
-        self.cfg = cfg
-        self.rewards = RewardSet(reward_fns, reward_weights, timeout=cfg.reward_timeout)
+    def __init__(self, cfg: LMConfig, reward_fns, train_dataset, eval_dataset=None, reward_weights=None, env=None):
+        if env is not None and cfg.env is None:  # episodes of many turns: recorded, and checked by the config
+            cfg = dataclasses.replace(cfg, env=episodes.env_name(env))
+        self.cfg, self.make_env = cfg, episodes.resolve_env(cfg, env, reward_fns)  # (then the env gives the rewards)
+        self.rewards = None if self.make_env else RewardSet(reward_fns, reward_weights, timeout=cfg.reward_timeout)
         for ds, what in ((train_dataset, "training"), (eval_dataset, "evaluation")):
             if ds is not None:
                 check_dataset(ds, what)
-                self.rewards.check_columns(ds.column_names, what)
+                if self.rewards is not None:
+                    self.rewards.check_columns(ds.column_names, what)
         parts, self.state = build(cfg)  # (resumed when cfg.resume)
         self.acc, self.tok, self.policy, self.ref, self.params = parts.acc, parts.tok, parts.policy, parts.ref, parts.params
         self.opt, self.sched, self.writer = parts.opt, parts.sched, parts.writer
         self.cpu_layer, self.sampler, self.param_names = parts.cpu_layer, parts.sampler, parts.param_names
         self.coll, self.signal = Collective(self.acc), None  # signal: SIGINT / SIGTERM caught (loop.py)
-        for fn in self.rewards.fns:  # a reward model scores its batches on the accelerator
+        for fn in self.rewards.fns if self.rewards else ():  # a reward model scores its batches on the accelerator
             if isinstance(fn, RewardModel):
                 fn.model.to(self.acc.device)
-        # --long-prompts: every prompt over the limit is found now, not at the step that draws it
+        self.delta = episodes.check_template(self.tok, cfg.model, cfg.system_prompt) if self.make_env else None
+        # every prompt over --max-prompt-length found now, not at the step that draws it
         self.train_ds, self.eval_ds = self._fit(train_dataset, "training"), self._fit(eval_dataset, "evaluation")
 
-    def _fit(self, dataset, what: str):
+    def _fit(self, dataset, what: str):  # (--long-prompts)
         if dataset is None:
             return None
         c = self.cfg
@@ -71,8 +72,7 @@ class Trainer:
         return dataset
 
     @property
-    def step(self) -> int:
-        """Training steps done (``state.step``)."""
+    def step(self) -> int:  # training steps done
         return self.state.step
 
     @step.setter
@@ -91,7 +91,7 @@ class Trainer:
         """(log-probs (B, T), values (B, T) or None, entropy (B, T) or None) of ``batch``'s completion
         tokens under ``model`` (the policy by default)."""
         model = model or self.policy
-        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.attention)
         kw = dict(group_size=batch.group_size, temperature=self.cfg.temperature, with_entropy=grad,
                   entropy_grad=bool(self.cfg.entropy_coef))
         with nullcontext() if grad else torch.no_grad(), self.acc.autocast():
@@ -110,19 +110,8 @@ class Trainer:
             return self.forward(batch, grad=False)[0]
 
     def sampling_lm(self):
-        """(the causal LM to sample from, a function making the context to sample in): under the CPU
-        layer in bf16/fp16 its sampling copy, with no autocast; else the policy's own LM under
-        autocast, with its whole weights (FSDP2: :func:`~pg_lm.lm.dist.full_weights`). A function,
-        not a context: ``Accelerator.autocast()`` is a generator context that can be entered once."""
-        if self.sampler is not None:
-            return self.sampler.lm, nullcontext
-
-        @contextmanager
-        def context():
-            with full_weights(self.policy), self.acc.autocast():
-                yield
-
-        return self.acc.unwrap_model(self.policy).lm, context
+        """(the causal LM to sample from, a function making the context to sample in): :func:`~pg_lm.lm.dist.sampling_lm`."""
+        return sampling_lm(self.acc, self.policy, self.sampler)
 
     # ------------------------------------------------------------------ sample and score
     def _draw(self, prompts: list, cols: dict, lm, context) -> tuple[Rollout, dict]:
@@ -155,11 +144,14 @@ class Trainer:
         those of the first sampling round (the policy's own draws, with or without dynamic sampling)."""
         cfg, step = self.cfg, self.state.step if step is None else step
         lm, context = self.sampling_lm()
-        # what TRL's reward functions read as ``trainer_state`` (the progress of the run)
-        self.rewards.trainer_state = SimpleNamespace(global_step=step, max_steps=cfg.max_steps)
         t0 = time.perf_counter()
         self.policy.eval()
-        batch, per_fn = self._draw(*self.prompts(step), lm, context)
+        if self.make_env is not None:
+            batch, per_fn = episodes.step_episodes(self, step, lm, context), {}
+        else:
+            # what TRL's reward functions read as ``trainer_state`` (the progress of the run)
+            self.rewards.trainer_state = SimpleNamespace(global_step=step, max_steps=cfg.max_steps)
+            batch, per_fn = self._draw(*self.prompts(step), lm, context)
         stats = batch.stats(per_fn, cfg.pass_threshold)
         if cfg.samples_per_prompt > 1:
             zero = zero_spread_groups(batch.scores, cfg.samples_per_prompt)  # (groups,)
@@ -193,9 +185,14 @@ class Trainer:
         baseline = cfg.baseline if baseline is None else baseline
         scale_rewards = cfg.scale_rewards if scale_rewards is None else scale_rewards
         greedy = batch.greedy_scores[::cfg.samples_per_prompt] if batch.greedy_scores is not None else None  # (B / G,)
-        adv, returns = estimate.advantages(estimator, baseline, batch.rewards, batch.completion_mask,
-                                           batch.values, cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, scale_rewards,
-                                           greedy_scores=greedy)
+        if batch.turn_end is not None:  # episodes of many turns: credit over turns (--credit)
+            adv, returns = estimate.episode_advantages(
+                cfg.credit, baseline, batch.rewards, batch.completion_mask, batch.turn_end, batch.values, batch.truncated,
+                cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.turn_gamma, cfg.turn_baseline, scale_rewards)
+        else:
+            adv, returns = estimate.advantages(estimator, baseline, batch.rewards, batch.completion_mask, batch.values,
+                                               cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, scale_rewards,
+                                               greedy_scores=greedy)
         if cfg.whiten_advantages:  # over the global batch: every process's tokens (REINFORCE++)
             adv = masked_whiten(adv, batch.completion_mask, reduce=self.coll.whiten_reduce())
         return adv, returns

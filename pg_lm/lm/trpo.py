@@ -72,7 +72,7 @@ def update(tr, batch, adv: Tensor, returns: Tensor | None) -> tuple[dict, str | 
 
     def log_probs() -> Tensor:  # (B, T, V) fp32 log π_θ at the completion positions
         with acc.autocast(), twice_differentiable():
-            logits, _ = policy.completion_logits(batch.prompt_ids, batch.prompt_mask, ids, mask, batch.group_size)
+            logits, _ = policy.completion_logits(batch.prompt_ids, batch.prompt_mask, ids, batch.attention, batch.group_size)
         return torch.log_softmax(logits.float() / cfg.temperature, -1)
 
     def agg(x: Tensor) -> Tensor:

@@ -78,8 +78,9 @@ def _micro_batch(batch: Rollout, adv: Tensor, returns: Tensor | None, rows: Tens
     """(the rows ``rows`` of ``batch``, their advantages, their returns or None), trimmed to the
     longest completion among them (padding columns cost a forward and add nothing)."""
     mb = batch.select(rows, group_size=share)
-    T = max(int(mb.completion_mask.sum(1).max()), 1)
-    for name in ("completion_ids", "completion_mask", "logp", "ref_logp", "values", "sampler_logp"):
+    T = max(int(mb.attention.sum(1).max()), 1)
+    for name in ("completion_ids", "completion_mask", "logp", "ref_logp", "values", "sampler_logp", "turn_end",
+                 "completion_attention"):
         if getattr(mb, name) is not None:
             setattr(mb, name, getattr(mb, name)[:, :T])
     return mb, adv[rows, :T], returns[rows, :T] if returns is not None else None
