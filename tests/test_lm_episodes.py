@@ -206,10 +206,13 @@ def test_cli_trains_on_a_users_environment_file(tiny_lm_dir, tmp_path):
     out = tmp_path / "run"
     code = main(["lm", "--model", tiny_lm_dir, "--env", f"{env_file}:Echo", "--output-dir", str(out), "--max-steps", "2",
                  "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--max-turns", "3",
-                 "--progress", "false", "--mixed-precision", "no", "--lora-r", "0"])
+                 "--progress", "false", "--mixed-precision", "no", "--lora-r", "0", "--eval-size", "3"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train/steps"] == 2
+    # evaluated before and after on held-out seeds: one greedy episode each
+    assert 0 <= summary["eval/reward_before"] <= 2 and 0 <= summary["eval/accuracy_after"] <= 1
+    assert 1 <= summary["eval/turns_after"] <= 2
     assert main(["lm", "--model", tiny_lm_dir, "--env", f"{env_file}:Nope", "--output-dir", str(out)]) == 2
 
 
@@ -239,3 +242,26 @@ def test_observation_prompt_and_padding_positions_get_exactly_zero_gradient(tiny
     g_logp, g_ent = torch.autograd.grad(loss, [logp, ent])
     assert (g_logp[~on] == 0).all() and (g_ent[~on] == 0).all()
     assert g_logp[on].abs().sum() > 0 and g_ent[on].abs().sum() > 0
+
+
+def test_a_resumed_environment_run_is_the_same_run(tiny_lm_dir, tmp_path):
+    """Stopped after step 2 and resumed, a run plays the same games (each group's seed is a function
+    of the run's seed and the step) and ends with the same weights and metrics as one never stopped;
+    its held-out evaluation is the same greedy episodes both times."""
+    from lm_fixtures import make_trainer, read_jsonl, snapshot
+
+    kw = dict(reward_fns=(), env=lambda: Varied(turns=2), max_turns=3, max_new_tokens=4, lr=1e-2, save_every=2,
+              eval_size=3, credit="turn")
+    whole = make_trainer(tiny_lm_dir, tmp_path / "whole", max_steps=4, **kw)
+    s_whole = whole.train()
+    make_trainer(tiny_lm_dir, tmp_path / "cut", max_steps=2, **kw).train()
+    resumed = make_trainer(tiny_lm_dir, tmp_path / "cut", max_steps=4, resume=True, **kw)
+    s_cut = resumed.train()
+    a, b = snapshot(whole.acc.unwrap_model(whole.policy)), snapshot(resumed.acc.unwrap_model(resumed.policy))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    drop = ("perf/", "wall_s")
+    rows = [[{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_jsonl(d / "metrics.jsonl")
+             if "reward/mean" in r] for d in (tmp_path / "whole", tmp_path / "cut")]
+    assert rows[0] == rows[1]
+    assert s_whole["eval/reward_before"] == s_cut["eval/reward_before"]
+    assert s_whole["eval/reward_after"] == s_cut["eval/reward_after"]

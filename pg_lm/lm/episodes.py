@@ -157,13 +157,14 @@ def _act(lm, episodes: list[_Episode], eos: list[int], pad: int, max_new_tokens:
 def run_episodes(lm, tok, make_env, seeds: list[int], rows: list, delta: TemplateDelta, *, group_size: int,
                  max_turns: int, max_new_tokens: int, max_episode_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, chat_template: bool = True, cpu_layer: bool = False,
-                 env_timeout: float | None = None, env_error_reward: float | None = None) -> Rollout:
+                 env_timeout: float | None = None, env_error_reward: float | None = None,
+                 greedy: bool = False) -> Rollout:
     """``group_size`` episodes of ``make_env()`` per seed of ``seeds`` (``rows``: each group's dataset row
     or None), each to termination, truncation by the environment, ``max_turns`` turns of at most
     ``max_new_tokens`` tokens, or ``max_episode_tokens`` tokens in all -- whichever comes first (a
     cut episode is truncated, never an error). ``lm`` is the unwrapped causal LM with its whole weights."""
     eos, pad = eos_token_ids(tok, lm), tok.pad_token_id
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
     with ThreadPoolExecutor(max_workers=min(32, len(seeds) * group_size)) as pool:
         episodes = start(make_env, tok, seeds, rows, group_size, chat_template, delta.system_prompt, pool, env_timeout)
         for turn in range(max_turns):
@@ -260,3 +261,32 @@ def step_episodes(tr, step: int, lm, context) -> Rollout:
                             max_episode_tokens=cfg.max_episode_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, chat_template=cfg.chat_template, cpu_layer=tr.cpu_layer,
                             env_timeout=cfg.env_timeout, env_error_reward=cfg.env_error_reward)
+
+
+# held-out seeds: far from every training seed ((seed * 1_000_003 + step) * 10_007 + group)
+EVAL_SEED = 1 << 50
+
+
+def evaluate_env(tr) -> dict:
+    """The trainer's environment on ``--eval-size`` [100] held-out seeds, one greedy episode each,
+    split across processes: mean return (``eval/reward``), the share of episodes whose return reaches
+    ``--pass-threshold`` (``eval/accuracy``: success), turns, and the share cut (``eval/truncated_frac``)."""
+    cfg, acc = tr.cfg, tr.acc
+    n = cfg.eval_size if cfg.eval_size is not None else 100
+    seeds = [EVAL_SEED + k for k in range(acc.process_index, n, acc.num_processes)]
+    lm, context = tr.sampling_lm()
+    tr.policy.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
+    for i in range(0, len(seeds), cfg.eval_batch_size):
+        chunk = seeds[i : i + cfg.eval_batch_size]
+        with context():
+            b = run_episodes(lm, tr.tok, tr.make_env, chunk, [None] * len(chunk), tr.delta, group_size=1,
+                             max_turns=cfg.max_turns, max_new_tokens=cfg.eval_tokens,
+                             max_episode_tokens=cfg.max_episode_tokens, chat_template=cfg.chat_template,
+                             cpu_layer=tr.cpu_layer, env_timeout=cfg.env_timeout,
+                             env_error_reward=cfg.env_error_reward, greedy=True)
+        sums += torch.stack([b.scores.sum(), (b.scores >= cfg.pass_threshold).sum(), b.turn_end.sum(),
+                             b.truncated.sum()]).to(sums)
+    sums = tr.coll.reduce(sums, "sum")
+    keys = ("eval/reward", "eval/accuracy", "eval/turns", "eval/truncated_frac")
+    return {k: float(v) / max(n, 1) for k, v in zip(keys, sums.tolist())}

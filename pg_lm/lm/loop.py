@@ -48,7 +48,7 @@ def _run(tr) -> dict:
     cfg, acc, st = tr.cfg, tr.acc, tr.state
     t_start, steps_at_start = time.perf_counter(), st.step
     summary = dict(st.summary)
-    if tr.eval_ds is not None and "eval/reward_before" not in summary:
+    if tr.evaluates and "eval/reward_before" not in summary:
         before = tr.evaluate()
         summary["eval/reward_before"] = before["eval/reward"]
         tr.writer.log(before, step=st.step)
@@ -94,7 +94,7 @@ def _after_step(tr, stats: dict, bar, per_step: float) -> None:
     """Evaluate and log as the flags ask; move the progress bar (``per_step``: seconds a step of
     this run has taken, for the steps a time budget allows)."""
     cfg, st = tr.cfg, tr.state
-    if tr.eval_ds is not None and cfg.eval_every and st.step % cfg.eval_every == 0:
+    if tr.evaluates and cfg.eval_every and st.step % cfg.eval_every == 0:
         stats.update(tr.evaluate())
     if st.step % cfg.log_every == 0 or "eval/reward" in stats:
         tr.writer.log({**stats, "wall_s": st.elapsed()}, step=st.step)
@@ -108,13 +108,13 @@ def _after_step(tr, stats: dict, bar, per_step: float) -> None:
 def _finish(tr, summary: dict, steps_this_run: int) -> dict:
     """The final evaluation, the summary, the last checkpoint (``--save-model``) and the plot."""
     cfg, acc, st = tr.cfg, tr.acc, tr.state
-    if tr.eval_ds is not None:
+    if tr.evaluates:
         after = tr.evaluate()
         summary.update({f"{k}_after": v for k, v in after.items() if k != "eval/reward"})
         summary["eval/reward_after"] = after["eval/reward"]
         tr.writer.log(after, step=st.step)
         acc.print(f"eval after training: {brief(after)} (reward before {summary['eval/reward_before']:.3f})")
-        warning = truncation_warning(after, cfg.eval_tokens, "--eval-max-new-tokens")
+        warning = truncation_warning(after, cfg.eval_tokens, "--eval-max-new-tokens") if tr.make_env is None else None
         if warning:  # the reward of a cut answer says little about what the policy learned
             summary.setdefault("warnings", []).append(warning)
             acc.print(warning)

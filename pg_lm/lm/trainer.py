@@ -244,8 +244,13 @@ class Trainer:
         return stats
 
     # ------------------------------------------------------------------ the run
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates: held-out prompts, or an environment's held-out seeds (--eval-size > 0)."""
+        return self.eval_ds is not None or (self.make_env is not None and self.cfg.eval_size != 0)
+
     def evaluate(self) -> dict:
-        return evaluate(self, self.eval_ds)
+        return episodes.evaluate_env(self) if self.make_env is not None else evaluate(self, self.eval_ds)
 
     def train(self) -> dict:
         """Run to ``max_steps`` (or ``max_seconds``): :func:`pg_lm.lm.loop.train`."""
