@@ -209,3 +209,12 @@ def test_view_of_a_real_run_renders_in_headless_chromium(tiny_lm_dir, tmp_path, 
     counts = dict((rgb, n) for n, rgb in Image.open(shot).convert("RGB").getcolors(1 << 24))
     for colour in set(want) - {"#ffffff"}:
         assert counts.get(tuple(int(colour[k:k + 2], 16) for k in (1, 3, 5)), 0) >= 10, f"{colour} is not on the page"
+
+
+def test_an_episodes_observation_tokens_are_greyed_and_unshaded():
+    """With the action flags an episode's rows carry, tokens the policy did not sample are drawn apart."""
+    rows = [row(0, 1.0, ["a", "\n", "o", "b"], [0.5, 0.0, 0.0, -0.25], action=[1, 0, 0, 1])]
+    got = spans(render(rows))
+    assert [s["bg"] for s in got] == [shade(0.5, 0.5), "#f4f4f4", "#f4f4f4", shade(-0.25, 0.5)]
+    assert [s["title"] for s in got][1:3] == ["observation", "observation"] and got[0]["data"]["advantage"] == "0.5"
+    assert 'class="t obs"' in render(rows)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 FILE = "samples_tokens.jsonl"  # written by pg_lm.lm.credit
 POSITIVE, NEGATIVE, WHITE = (33, 102, 172), (178, 24, 43), (255, 255, 255)
+OBSERVATION = "#f4f4f4"  # an episode's observation and template tokens: grey, no advantage
 LABELS = {"advantage": "advantage", "logp": "log-prob", "kl": "KL to ref", "value": "value"}
 
 
@@ -54,7 +55,12 @@ def _fmt(x) -> str:
 
 
 def _token(row: dict, k: int, scale: float) -> str:
-    """One token as a shaded ``<span>``: its numbers in ``data-*`` attributes and the tooltip."""
+    """One token as a shaded ``<span>``: its numbers in ``data-*`` attributes and the tooltip. In an
+    episode of many turns (``row["action"]``), a token the policy did not sample (an observation or
+    the template's) is greyed and unshaded: it has no advantage."""
+    if "action" in row and not row["action"][k]:
+        text = row["tokens"][k].replace("\n", "\u21b5\n")
+        return f'<span class="t obs" style="background:{OBSERVATION}" title="observation">{escape(text)}</span>'
     adv = row["advantage"][k]
     bg = shade(adv, scale)
     dark = adv is not None and scale > 0 and abs(adv) / scale > 0.6
@@ -118,6 +124,7 @@ h1 {{ font-size: 1.3em; margin: 0 0 .3em; }}
 .tokens {{ font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; }}
 .t {{ border-right: 1px solid rgba(0, 0, 0, .12); cursor: default; }}
 .t.dark {{ color: #fff; }}
+.t.obs {{ color: #999; }}
 .t:hover {{ outline: 2px solid #000; }}
 #info {{ position: fixed; right: 1em; bottom: 1em; background: #fff; border: 1px solid #888; border-radius: 4px;
         padding: .4em .6em; font: 13px ui-monospace, monospace; display: none; white-space: pre; }}
