@@ -4,7 +4,7 @@ A library default should hold on a task nobody tuned it for, so each candidate s
 LMConfig's defaults and one change each, the changes the DAPO and Dr. GRPO papers propose among
 them) trains on every task of :data:`TASKS` (the built-in tasks, two of them -- ``rounding`` with
 partial credit for a near miss, ``sorting`` whose answer is a list -- never used to pick a default)
-with every seed, for the same ``--seconds`` budget each, through ``pg-lm lm`` on the embedded
+with every seed, for the same ``--steps`` budget each, through ``pg-lm lm`` on the embedded
 SmolLM2-135M-Instruct. Each run reports its held-out greedy reward before and after and whether the
 learning-signal monitor found it collapsed (``summary.json``'s ``learning``).
 
@@ -18,8 +18,7 @@ the best mean on one task.
     python benchmarks/robust_defaults.py --output-dir runs/robust --render   # the table from runs.jsonl
 
 Runs already in ``runs.jsonl`` are skipped, so a stopped grid continues where it stopped. ``--jobs
-2`` runs two at a time, each on one core (the budget is wall time: compare only runs made the same
-way, on an idle machine).
+2`` runs two at a time, each on one core; the budget is steps, so the figures do not depend on it.
 """
 
 from __future__ import annotations
@@ -49,10 +48,10 @@ SETTINGS = {
 }
 
 
-def command(task: str, setting: str, seed: int, seconds: float, eval_size: int, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pg_lm.cli", "lm", "--task", task, "--seed", str(seed), "--max-seconds",
-            str(seconds), "--max-steps", "100000", "--eval-size", str(eval_size), "--output-dir", str(out),
-            "--save-model", "false", "--progress", "false", *SETTINGS[setting]]
+def command(task: str, setting: str, seed: int, steps: int, eval_size: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pg_lm.cli", "lm", "--task", task, "--seed", str(seed), "--max-steps", str(steps),
+            "--eval-size", str(eval_size), "--output-dir", str(out), "--save-model", "false", "--progress", "false",
+            *SETTINGS[setting]]
 
 
 def run_one(task: str, setting: str, seed: int, args, threads: int) -> dict:
@@ -60,9 +59,9 @@ def run_one(task: str, setting: str, seed: int, args, threads: int) -> dict:
     out = Path(args.output_dir) / "runs" / f"{task}-{setting}-{seed}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
-    proc = subprocess.run(command(task, setting, seed, args.seconds, args.eval_size, out), env=env, cwd=ROOT,
+    proc = subprocess.run(command(task, setting, seed, args.steps, args.eval_size, out), env=env, cwd=ROOT,
                           capture_output=True, text=True)
-    row = {"task": task, "setting": setting, "seed": seed, "seconds": args.seconds, "eval_size": args.eval_size,
+    row = {"task": task, "setting": setting, "seed": seed, "steps_budget": args.steps, "eval_size": args.eval_size,
            "wall_s": time.perf_counter() - t0, "returncode": proc.returncode}
     if proc.returncode != 0:
         return {**row, "error": proc.stderr[-2000:]}
@@ -108,7 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--seconds", type=float, default=300.0, help="training budget of each run")
+    p.add_argument("--steps", type=int, default=60, help="training steps of each run (a step budget: the same "
+                   "updates whatever else the machine is doing; the learning-rate schedule decays over it)")
     p.add_argument("--eval-size", type=int, default=100, help="held-out prompts evaluated before and after")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each on cores / jobs threads)")
     p.add_argument("--render", action="store_true", help="only remake table.md from runs.jsonl")

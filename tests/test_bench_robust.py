@@ -18,9 +18,9 @@ from pg_lm.tasks import TASKS  # noqa: E402
 
 @pytest.mark.parametrize("setting", list(rd.SETTINGS))
 def test_every_setting_parses_into_the_flags_it_names(setting, tmp_path):
-    argv = rd.command("rounding", setting, 1, 300.0, 50, tmp_path)[4:]  # after "python -m pg_lm.cli lm"
+    argv = rd.command("rounding", setting, 1, 60, 50, tmp_path)[4:]  # after "python -m pg_lm.cli lm"
     cfg = parse_config(LMConfig, argv)
-    assert cfg.task == "rounding" and cfg.seed == 1 and cfg.max_seconds == 300.0 and cfg.eval_size == 50
+    assert cfg.task == "rounding" and cfg.seed == 1 and cfg.max_steps == 60 and cfg.eval_size == 50
     base = parse_config(LMConfig, argv[: argv.index("--progress") + 2])
     changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(base, k) and not k.startswith("_")}
     assert bool(changed) == (setting != "defaults"), changed
