@@ -75,6 +75,14 @@ def test_stop_on_collapse_ends_the_run_with_its_final_evaluation(tiny_lm_dir, tm
     assert "eval/reward_after" in summary and (tmp_path / "checkpoint-last").exists()
 
 
+def test_a_task_nothing_scores_on_says_so():
+    stats = {"reward/mean": 0.0, "reward/std": 0.0, "completion/distinct_frac": 1.0}
+    line = monitor.message("collapsed", stats, 20, 20)
+    assert line.startswith("warning: step 20: no learning signal for the last 20 steps -- no sample earned any reward")
+    assert "distinct completions per group 1.000" in line and "denser reward" in line
+    assert "stuck at mean reward" in monitor.message("collapsed", {**stats, "reward/mean": 0.5}, 20, 20)
+
+
 def test_a_solved_task_is_reported_as_solved_not_collapsed(tiny_lm_dir, tmp_path):
     summary = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[full_credit], max_steps=3, collapse_steps=2,
                            stop_on_collapse=True).train()

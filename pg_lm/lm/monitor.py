@@ -52,6 +52,10 @@ def message(verdict: str, stats: dict, step: int, window: int) -> str:
     detail = ", ".join(f"{name} {stats[key]:.3f}" for key, name in (
         ("policy/entropy", "entropy"), ("completion/distinct_frac", "distinct completions per group"))
         if key in stats)
-    return (f"warning: step {step}: no learning signal for the last {window} steps -- in nearly every group all "
-            f"samples got the same reward, stuck at mean reward {stats['reward/mean']:.3f}"
-            f"{' (' + detail + ')' if detail else ''}; {HELP}")
+    head = f"warning: step {step}: no learning signal for the last {window} steps -- "
+    if stats["reward/mean"] == 0.0 and stats.get("reward/std", 0.0) == 0.0:  # nothing has scored: nothing to settle on
+        return (head + f"no sample earned any reward{' (' + detail + ')' if detail else ''}; the task may be out of "
+                "reach as sampled: a denser reward (partial credit on the way), more --samples-per-prompt, a larger "
+                "--max-new-tokens or a higher --temperature")
+    return (head + f"in nearly every group all samples got the same reward, stuck at mean reward "
+            f"{stats['reward/mean']:.3f}{' (' + detail + ')' if detail else ''}; {HELP}")
