@@ -27,7 +27,7 @@ import torch
 from pg_lm.envs import EnvError, check_reset, check_step, load_env
 
 from .rollout import Rollout
-from .sampling import _adds_special, eos_token_ids, format_prompts, generate
+from .sampling import _adds_special, completion_mask_from_ids, eos_token_ids, format_prompts, generate
 
 _BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
@@ -37,8 +37,13 @@ class TemplateDelta:
     """How a tokenizer's chat template continues a conversation after an assistant turn."""
 
     tok: object
-    closing: str  # what the template writes behind an assistant message's content (e.g. "<|im_end|>\n")
     system_prompt: str | None = None
+    base: str = field(init=False)  # the fixed base conversation, rendered once
+    closing: str = field(init=False)  # what the template writes behind an assistant message (e.g. "<|im_end|>\n")
+
+    def __post_init__(self):
+        self.base = _render(self.tok, _BASE, self.system_prompt, False)
+        self.closing = self.base[self.base.rindex("y") + 1:] if "y" in self.base else ""
 
     def observation(self, text: str, eos_sampled: bool) -> list[int]:
         """The tokens after an assistant turn up to the next generation prompt, for a user message
@@ -48,9 +53,8 @@ class TemplateDelta:
         eos = self.tok.eos_token or ""
         if eos_sampled and eos and closing.startswith(eos):
             closing = closing[len(eos):]
-        before = _render(self.tok, _BASE, self.system_prompt, False)
         after = _render(self.tok, [*_BASE, {"role": "user", "content": text}], self.system_prompt, True)
-        return self.tok(closing + after[len(before):], add_special_tokens=False)["input_ids"]
+        return self.tok(closing + after[len(self.base):], add_special_tokens=False)["input_ids"]
 
 
 def _render(tok, msgs, system_prompt, generation_prompt: bool) -> str:
@@ -65,12 +69,11 @@ def check_template(tok, model_name: str, system_prompt: str | None = None) -> Te
     when the template does not preserve prefixes (or has none)."""
     if getattr(tok, "chat_template", None) is None:
         raise ValueError(f"episodes of many turns need a chat template: {model_name}'s tokenizer has none")
-    before = _render(tok, _BASE, system_prompt, False)
+    delta = TemplateDelta(tok, system_prompt)
     after = _render(tok, [*_BASE, {"role": "user", "content": "z"}], system_prompt, True)
-    if not after.startswith(before) or "y" not in before:
+    if not after.startswith(delta.base) or "y" not in delta.base:
         raise ValueError(f"{model_name}'s chat template does not preserve prefixes (rendering a conversation with "
                          "one more message changes what came before): it cannot run episodes of many turns")
-    delta = TemplateDelta(tok, before[before.rindex("y") + 1:], system_prompt)
     turns = [("What is 2 + 2?", "4"), ("And 3 + 3?", "6")]
     msgs = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
     whole = tok(_render(tok, msgs, system_prompt, False), add_special_tokens=False)["input_ids"]
@@ -93,7 +96,7 @@ class _Episode:
     logp: list[float] = field(default_factory=list)  # the sampler's log-prob per token (0 off actions)
     turn_end: list[bool] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # per token: each turn's reward on its last action token
-    texts: list[str] = field(default_factory=list)  # the turns as text: observation, action, ...
+    first: str = ""  # the first observation's text (the record's prompt)
     done: bool = False
     truncated: bool = False
 
@@ -131,7 +134,7 @@ def start(make_env, tok, seeds: list[int], rows: list, group_size: int, chat_tem
     obs = [check_reset(envs[k], o, k) for k, o in enumerate(_each(pool, calls, timeout, None))]
     texts = format_prompts(tok, obs, chat_template, system_prompt)
     enc = tok(texts, add_special_tokens=_adds_special(tok, chat_template))["input_ids"]
-    return [_Episode(env, list(ids), texts=[o if isinstance(o, str) else o[-1]["content"]])
+    return [_Episode(env, list(ids), first=o if isinstance(o, str) else o[-1]["content"])
             for env, ids, o in zip(envs, enc, obs)]
 
 
@@ -147,11 +150,8 @@ def _act(lm, episodes: list[_Episode], eos: list[int], pad: int, max_new_tokens:
     am = torch.tensor([[0] * (L - len(c)) + [1] * len(c) for c in ctx], device=device)  # (N, L)
     tokens, logps = generate(lm, ids, am, 1, max_new_tokens, eos, pad, logprobs=True, cpu_layer=cpu_layer,
                              **sampling)  # (N, T) each
-    out = []
-    for row, lp in zip(tokens.tolist(), logps.tolist()):
-        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        out.append((row[:n], lp[:n]))
-    return out
+    lengths = completion_mask_from_ids(tokens, eos)[0].sum(1).long().tolist()  # (N,) up to the first EOS
+    return [(row[:n], lp[:n]) for row, lp, n in zip(tokens.tolist(), logps.tolist(), lengths)]
 
 
 def run_episodes(lm, tok, make_env, seeds: list[int], rows: list, delta: TemplateDelta, *, group_size: int,
@@ -176,13 +176,13 @@ def run_episodes(lm, tok, make_env, seeds: list[int], rows: list, delta: Templat
             calls = [(lambda e=e, a=a: e.env.step(a), f"{type(e.env).__name__}.step (episode {k}, turn {turn})")
                      for (k, e), a in zip(live, texts)]
             results = _each(pool, calls, env_timeout, env_error_reward)
-            for (k, e), (ids, lp), text, res in zip(live, acted, texts, results):
-                _advance(e, ids, lp, text, check_step(e.env, res, k), delta, eos, turn == max_turns - 1,
+            for (k, e), (ids, lp), res in zip(live, acted, results):
+                _advance(e, ids, lp, check_step(e.env, res, k), delta, eos, turn == max_turns - 1,
                          max_new_tokens, max_episode_tokens)
     return _record(episodes, tok, pad, group_size, next(lm.parameters()).device)
 
 
-def _advance(e: _Episode, ids: list[int], lp: list[float], text: str, res: tuple, delta: TemplateDelta,
+def _advance(e: _Episode, ids: list[int], lp: list[float], res: tuple, delta: TemplateDelta,
              eos: list[int], last_turn: bool, max_new_tokens: int, max_episode_tokens: int) -> None:
     """Append a turn's action (and, unless the episode ends, the observation's token delta) to ``e``."""
     obs, reward, terminated, truncated, _ = res
@@ -191,7 +191,6 @@ def _advance(e: _Episode, ids: list[int], lp: list[float], text: str, res: tuple
     e.logp += lp
     e.turn_end += [False] * (len(ids) - 1) + [True]
     e.rewards += [0.0] * (len(ids) - 1) + [reward]
-    e.texts.append(text)
     if terminated or truncated or last_turn:
         e.done, e.truncated = True, not terminated
         return
@@ -204,7 +203,6 @@ def _advance(e: _Episode, ids: list[int], lp: list[float], text: str, res: tuple
     e.logp += [0.0] * len(d)
     e.turn_end += [False] * len(d)
     e.rewards += [0.0] * len(d)
-    e.texts.append(obs)
 
 
 def _record(episodes: list[_Episode], tok, pad: int, group_size: int, device) -> Rollout:
@@ -221,7 +219,7 @@ def _record(episodes: list[_Episode], tok, pad: int, group_size: int, device) ->
         completion_ids=right([e.ids for e in episodes], pad, torch.long),
         completion_mask=right([e.mask for e in episodes], 0.0, torch.float32),
         truncated=torch.tensor([e.truncated for e in episodes], device=device),
-        prompts=[e.texts[0] for e in episodes], completions=[tok.decode(e.ids) for e in episodes],
+        prompts=[e.first for e in episodes], completions=[tok.decode(e.ids) for e in episodes],
         sampler_logp=right([e.logp for e in episodes], 0.0, torch.float32),
         rewards=rewards, scores=rewards.sum(1), group_size=group_size,
         turn_end=right([e.turn_end for e in episodes], False, torch.bool),
