@@ -72,19 +72,7 @@ def advantages(
     if baseline == "none":
         return returns, None
     g0 = returns[:, 0]  # (B,) the return of each completion
-    if baseline == "batch_mean":
-        b = batch_mean_baseline(g0)
-    elif baseline == "group_mean":
-        b = group_mean_baseline(g0, group_size)
-    elif baseline == "loo":
-        b = leave_one_out_baseline(g0, group_size)
-    elif baseline == "remax":
-        if greedy_scores is None:
-            raise ValueError("baseline 'remax' needs the greedy completions' scores")
-        b = remax_baseline(g0, greedy_scores, group_size)
-    else:
-        raise ValueError(f"unknown baseline {baseline!r}")
-    adv = (returns - b[:, None]) * mask  # (B, T)
+    adv = (returns - sequence_baseline(baseline, g0, group_size, greedy_scores)[:, None]) * mask  # (B, T)
     if scale_rewards:
         adv = adv / (group_std(g0, group_size)[:, None] + eps)
     return adv, None
@@ -98,8 +86,9 @@ def adaptive_kl_coef(coef: float, kl_per_seq: float, target: float, horizon: int
     return coef * (1.0 + err * batch_size / horizon)
 
 
-def _sequence_baseline(baseline: str, g0: Tensor, group_size: int) -> Tensor:
-    """(B,) the baseline ``--baseline`` takes from each row's return ``g0`` (B,)."""
+def sequence_baseline(baseline: str, g0: Tensor, group_size: int, greedy_scores: Tensor | None = None) -> Tensor:
+    """(B,) the baseline ``--baseline`` takes from each row's return ``g0`` (B,) (``remax``: from
+    ``greedy_scores`` (B / G,), each prompt's greedy completion's reward)."""
     if baseline == "none":
         return g0 * 0
     if baseline == "batch_mean":
@@ -108,7 +97,11 @@ def _sequence_baseline(baseline: str, g0: Tensor, group_size: int) -> Tensor:
         return group_mean_baseline(g0, group_size)
     if baseline == "loo":
         return leave_one_out_baseline(g0, group_size)
-    raise ValueError(f"baseline {baseline!r} is not supported with episodes of many turns")
+    if baseline == "remax":
+        if greedy_scores is None:
+            raise ValueError("baseline 'remax' needs the greedy completions' scores")
+        return remax_baseline(g0, greedy_scores, group_size)
+    raise ValueError(f"unknown baseline {baseline!r}")
 
 
 def episode_advantages(credit: str, baseline: str, rewards: Tensor, mask: Tensor, turn_end: Tensor,
@@ -142,7 +135,7 @@ def episode_advantages(credit: str, baseline: str, rewards: Tensor, mask: Tensor
         adv = turn_advantages(turn_returns(turn_rewards, taken, turn_gamma), taken, group_size, turn_baseline)
         return spread_over_turns(adv, mask, turn_end), None
     g0 = (rewards * mask).sum(1)  # (B,) the episode's return
-    adv = (g0 - _sequence_baseline(baseline, g0, group_size))[:, None] * mask  # (B, T)
+    adv = (g0 - sequence_baseline(baseline, g0, group_size))[:, None] * mask  # (B, T)
     if scale_rewards:
         adv = adv / (group_std(g0, group_size)[:, None] + eps)
     return adv, None
