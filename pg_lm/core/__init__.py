@@ -38,7 +38,7 @@ from .natural import (
     natural_gradient_step,
     step_scale,
 )
-from .turns import spread_over_turns, turn_advantages, turn_gae, turn_returns
+from .turns import spread_over_turns, turn_advantages, turn_gae, turn_index, turn_returns
 from .variance import debiased_snr, gradient_moments, gradient_summary, welford_update
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
     "masked_var", "masked_whiten", "pass_at_k", "policy_loss", "remax_baseline", "sampler_is_weights", "sampler_log_ratio", "value_loss",
     "zero_spread_groups",
     # credit over episodes of many turns
-    "spread_over_turns", "turn_advantages", "turn_gae", "turn_returns",
+    "spread_over_turns", "turn_advantages", "turn_gae", "turn_index", "turn_returns",
     # the natural-gradient (TRPO) step
     "assign_flat", "backtracking_line_search", "categorical_kl", "conjugate_gradient", "fisher_vector_product",
     "flat_grad", "gaussian_kl", "natural_gradient_step", "step_scale",

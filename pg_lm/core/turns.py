@@ -117,11 +117,16 @@ def turn_advantages(returns: Tensor, turn_mask: Tensor, group_size: int, baselin
     raise ValueError(f"baseline must be 'episode' or 'turn_index', got {baseline!r}")
 
 
+def turn_index(turn_end: Tensor) -> Tensor:
+    """``(B, T)`` the turn each token belongs to: how many turn ends came strictly before it."""
+    ends = turn_end.long()
+    return torch.cumsum(ends, 1) - ends
+
+
 def spread_over_turns(turn_values: Tensor, action_mask: Tensor, turn_end: Tensor) -> Tensor:
     """``(B, K)`` per-turn values onto the ``(B, T)`` action tokens of each turn (turn k's tokens are
     those after turn k-1's last action token up to its own); 0 elsewhere."""
     on = action_mask != 0
-    # the turn index of each token: how many turn ends came strictly before it
-    index = (torch.cumsum(turn_end.long(), 1) - turn_end.long()).clamp(max=turn_values.shape[1] - 1)  # (B, T)
+    index = turn_index(turn_end).clamp(max=turn_values.shape[1] - 1)  # (B, T)
     return torch.where(on, turn_values.gather(1, index), torch.zeros((), dtype=turn_values.dtype,
                                                                      device=turn_values.device))

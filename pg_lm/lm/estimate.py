@@ -11,6 +11,7 @@ from torch import Tensor
 from pg_lm.core import (
     spread_over_turns,
     turn_advantages,
+    turn_index,
     turn_gae,
     turn_returns,
     batch_mean_baseline,
@@ -127,7 +128,7 @@ def episode_advantages(credit: str, baseline: str, rewards: Tensor, mask: Tensor
         v_last = (values * last).sum(1)  # (B,)
         return turn_gae(rewards, values, mask, turn_end, v_last * truncated, gamma, turn_gamma, lam)
     if credit == "turn":
-        index = (turn_end.long().cumsum(1) - turn_end.long())  # (B, T) each token's turn
+        index = turn_index(turn_end)  # (B, T) each token's turn
         K = max(int(turn_end.sum(1).max()), 1)
         turn_rewards = (rewards * mask).new_zeros(mask.shape[0], K).scatter_add_(
             1, index.clamp(max=K - 1), rewards * mask)  # (B, K)
