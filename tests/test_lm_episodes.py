@@ -265,3 +265,61 @@ def test_a_resumed_environment_run_is_the_same_run(tiny_lm_dir, tmp_path):
     assert rows[0] == rows[1]
     assert s_whole["eval/reward_before"] == s_cut["eval/reward_before"]
     assert s_whole["eval/reward_after"] == s_cut["eval/reward_after"]
+
+
+def test_samples_hold_whole_episodes_and_a_reward_function_adds_a_final_reward(tiny_lm_dir, tmp_path):
+    """samples.jsonl rows carry each episode's turns (action, observation, the turn's reward); a reward
+    function beside the environment scores each episode once, from its turns (the ``episode`` column),
+    on its last turn -- in training, in the metrics and in the held-out evaluation."""
+    from lm_fixtures import make_trainer, read_jsonl
+
+    def turns_bonus(prompts, completions, episode, **_):
+        assert all(isinstance(c, str) for c in completions)  # the last action
+        return [0.5 * len(turns) for turns in episode]
+
+    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[turns_bonus], env=lambda: Counter(turns=2), max_turns=3,
+                      max_new_tokens=4, max_steps=1, eval_size=2, save_model=False)
+    summary = tr.train()
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert rows
+    for r in rows:
+        assert [t["reward"] for t in r["turns"]] == [0.25, 0.25] and r["turns"][0]["observation"] == "t1"
+        assert r["turns"][-1]["final_reward"] == 1.0 and r["reward"] == pytest.approx(1.5)
+        assert all(isinstance(t["action"], str) for t in r["turns"])
+    step = [m for m in read_jsonl(tmp_path / "metrics.jsonl") if "reward/mean" in m][0]
+    assert step["reward/turns_bonus"] == 1.0 and step["reward/mean"] == pytest.approx(1.5) and step["perf/env_s"] >= 0
+    assert step["episode/turns"] == 2.0
+    assert summary["eval/reward_after"] == pytest.approx(1.5) and summary["eval/turns_after"] == 2.0
+
+
+def test_pg_lm_eval_plays_held_out_episodes(tiny_lm_dir, tmp_path):
+    """``pg-lm eval --env``: one greedy episode per held-out seed (success, mean return, turns, action
+    tokens), pass@k over sampled episodes, a reward file's final reward, every episode in eval_samples.jsonl."""
+    import json
+
+    from pg_lm.cli import main
+
+    (tmp_path / "my_env.py").write_text(
+        "class Echo:\n"
+        "    def reset(self, *, seed, row=None):\n"
+        "        self.n = 0\n"
+        "        return 'say a'\n"
+        "    def step(self, action):\n"
+        "        self.n += 1\n"
+        "        return 'again', float('a' in action), self.n >= 2, False, {}\n"
+        "def bonus(prompts, completions, episode):\n"
+        "    return [10.0 for _ in episode]\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--model", tiny_lm_dir, "--env", f"{tmp_path / 'my_env.py'}:Echo", "--eval-size", "3",
+            "--eval-samples", "2", "--max-turns", "3", "--eval-max-new-tokens", "4", "--output-dir", str(out)]
+    assert main(args + ["--reward", f"{tmp_path / 'my_env.py'}:bonus"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["episodes"] == 3 and result["eval/turns"] == 2.0 and 10.0 <= result["eval/reward"] <= 12.0
+    assert result["eval/accuracy"] == 1.0 and result["eval/pass@2"] == 1.0  # 10 >= --pass-threshold 1
+    assert 0 < result["eval/length"] <= 8
+    rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows].count("greedy") == 3 and [r["kind"] for r in rows].count("sampled") == 6
+    assert all(len(r["turns"]) == 2 and r["turns"][-1]["final_reward"] == 10.0 for r in rows)
+    assert main(args) == 0  # the environment alone
+    alone = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= alone["eval/reward"] <= 2.0 and alone["eval/reward"] == pytest.approx(result["eval/reward"] - 10.0)

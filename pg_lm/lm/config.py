@@ -55,6 +55,14 @@ class PromptConfig:
     eval_samples: int = arg(0, "n: completions sampled per held-out prompt (at --temperature) for pass@k (0 = greedy only)")
     pass_at: list[int] = arg([], "the k of pass@k, each <= --eval-samples (empty = 1 and --eval-samples)")
     pass_threshold: float = arg(1.0, "a completion counts as correct (accuracy, pass@k) when its total reward is >= this")
+    # episodes of many turns (docs/environments.md)
+    env: str | None = arg(None, "episodes of many turns in an environment (to train, or to evaluate): a built-in "
+                          "(guess, tool, frozenlake) or path/to/file.py:Class / module:Class; the token limit is per turn")
+    max_turns: int = arg(4, "turns per episode at most (then it is truncated)")
+    max_episode_tokens: int = arg(512, "prompt and episode tokens at most: an episode that would outgrow it is truncated")
+    env_timeout: float | None = arg(None, "seconds an environment's reset / step may take (None = no limit)")
+    env_error_reward: float | None = arg(None, "an environment that raises or hangs ends its episode with this reward "
+                                         "(None: the run stops, naming the environment and the episode)")
 
     def __post_init__(self):
         for name in ("max_prompt_length", "eval_batch_size"):
@@ -66,7 +74,10 @@ class PromptConfig:
         for name in ("top_k", "eval_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("eval_max_new_tokens", "reward_timeout"):
+        for name in ("max_turns", "max_episode_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("eval_max_new_tokens", "reward_timeout", "env_timeout"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 (or None), got {getattr(self, name)}")
         if self.eval_size is not None and self.eval_size < 0:
@@ -106,14 +117,7 @@ class LMConfig(PromptConfig):
     # per prompt give the leave-one-out baseline a steadier estimate per step
     samples_per_prompt: int = arg(8, "G: completions sampled per prompt")
     max_new_tokens: int = arg(16, "completion token limit during training (also the evaluation's, by default)")
-    # episodes of many turns (docs/environments.md)
-    env: str | None = arg(None, "train on episodes of many turns in an environment: a built-in (guess, tool, "
-                          "frozenlake) or path/to/file.py:Class / module:Class; --max-new-tokens is then per turn")
-    max_turns: int = arg(4, "turns per episode at most (then it is truncated)")
-    max_episode_tokens: int = arg(512, "prompt and episode tokens at most: an episode that would outgrow it is truncated")
-    env_timeout: float | None = arg(None, "seconds an environment's reset / step may take (None = no limit)")
-    env_error_reward: float | None = arg(None, "an environment that raises or hangs ends its episode with this reward "
-                                         "(None: the run stops, naming the environment and the episode)")
+    # episodes of many turns (docs/environments.md): --env and its limits, with the evaluation's flags
     credit: str = arg("episode", "credit over turns: the episode's return minus --baseline on every action token; "
                       "each turn's return-to-go minus a group baseline (--turn-baseline); or GAE with a value head "
                       "over action tokens", ("episode", "turn", "gae"))
@@ -267,12 +271,8 @@ class LMConfig(PromptConfig):
                                                                          "--scale-rewards without --credit episode")):
             if bad:
                 raise ValueError(f"--env: {why} is not supported with episodes of many turns")
-        if self.max_turns <= 0 or self.max_episode_tokens <= 0:
-            raise ValueError("--max-turns and --max-episode-tokens must be > 0")
         if not 0.0 <= self.turn_gamma <= 1.0:
             raise ValueError(f"--turn-gamma must be in [0, 1], got {self.turn_gamma}")
-        if self.env_timeout is not None and self.env_timeout <= 0:
-            raise ValueError(f"--env-timeout must be > 0 (or None), got {self.env_timeout}")
 
     def _check_batches_and_outputs(self) -> None:
         """The step's rows split into the minibatches; checkpoints kept; the held-out split."""

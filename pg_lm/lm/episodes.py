@@ -18,6 +18,7 @@ action token, ``rewards`` holds each turn's reward there, ``truncated`` says whi
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class _Episode:
     turn_end: list[bool] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # per token: each turn's reward on its last action token
     first: str = ""  # the first observation's text (the record's prompt)
+    turns: list[dict] = field(default_factory=list)  # each turn's action, reward and observation, as text
     done: bool = False
     truncated: bool = False
 
@@ -165,8 +167,10 @@ def run_episodes(lm, tok, make_env, seeds: list[int], rows: list, delta: Templat
     cut episode is truncated, never an error). ``lm`` is the unwrapped causal LM with its whole weights."""
     eos, pad = eos_token_ids(tok, lm), tok.pad_token_id
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(32, len(seeds) * group_size)) as pool:
         episodes = start(make_env, tok, seeds, rows, group_size, chat_template, delta.system_prompt, pool, env_timeout)
+        env_s = time.perf_counter() - t0
         for turn in range(max_turns):
             live = [(k, e) for k, e in enumerate(episodes) if not e.done]
             if not live:
@@ -175,17 +179,20 @@ def run_episodes(lm, tok, make_env, seeds: list[int], rows: list, delta: Templat
             texts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in acted]
             calls = [(lambda e=e, a=a: e.env.step(a), f"{type(e.env).__name__}.step (episode {k}, turn {turn})")
                      for (k, e), a in zip(live, texts)]
+            t0 = time.perf_counter()
             results = _each(pool, calls, env_timeout, env_error_reward)
-            for (k, e), (ids, lp), res in zip(live, acted, results):
-                _advance(e, ids, lp, check_step(e.env, res, k), delta, eos, turn == max_turns - 1,
+            env_s += time.perf_counter() - t0
+            for (k, e), (ids, lp), text, res in zip(live, acted, texts, results):
+                _advance(e, ids, lp, text, check_step(e.env, res, k), delta, eos, turn == max_turns - 1,
                          max_new_tokens, max_episode_tokens)
-    return _record(episodes, tok, pad, group_size, next(lm.parameters()).device)
+    return _record(episodes, tok, pad, group_size, next(lm.parameters()).device, env_s)
 
 
-def _advance(e: _Episode, ids: list[int], lp: list[float], res: tuple, delta: TemplateDelta,
+def _advance(e: _Episode, ids: list[int], lp: list[float], text: str, res: tuple, delta: TemplateDelta,
              eos: list[int], last_turn: bool, max_new_tokens: int, max_episode_tokens: int) -> None:
     """Append a turn's action (and, unless the episode ends, the observation's token delta) to ``e``."""
     obs, reward, terminated, truncated, _ = res
+    e.turns.append({"action": text, "reward": reward, "observation": obs})
     e.ids += ids
     e.mask += [1.0] * len(ids)
     e.logp += lp
@@ -205,8 +212,9 @@ def _advance(e: _Episode, ids: list[int], lp: list[float], res: tuple, delta: Te
     e.rewards += [0.0] * len(d)
 
 
-def _record(episodes: list[_Episode], tok, pad: int, group_size: int, device) -> Rollout:
-    """The episodes as one :class:`Rollout` on ``device`` (prompts left-padded, episodes right-padded)."""
+def _record(episodes: list[_Episode], tok, pad: int, group_size: int, device, env_s: float) -> Rollout:
+    """The episodes as one :class:`Rollout` on ``device`` (prompts left-padded, episodes right-padded);
+    ``env_s``: the seconds spent in the environments' ``reset`` and ``step``."""
     P, T = max(len(e.prompt) for e in episodes), max(max(len(e.ids) for e in episodes), 1)
 
     def right(xs, fill, dtype):
@@ -224,6 +232,7 @@ def _record(episodes: list[_Episode], tok, pad: int, group_size: int, device) ->
         rewards=rewards, scores=rewards.sum(1), group_size=group_size,
         turn_end=right([e.turn_end for e in episodes], False, torch.bool),
         completion_attention=right([[1.0] * len(e.ids) for e in episodes], 0.0, torch.float32),
+        episodes=[e.turns for e in episodes], env_s=env_s,
     )
 
 
@@ -232,21 +241,41 @@ def env_name(env) -> str:
     return f"python:{getattr(env, '__name__', type(env).__name__)}"
 
 
-def resolve_env(cfg, env, reward_fns):
-    """The function making the run's environments (``env``, else ``--env``), or None: a run without
-    one. An environment gives the rewards: reward functions beside it are refused."""
+def resolve_env(cfg, env):
+    """The function making the run's environments (``env``, else ``--env``), or None: a run without one."""
     if env is None and cfg.env is None:
         return None
-    if reward_fns:
-        raise ValueError("--env: the environment gives the rewards; reward functions are not supported with it")
     return env if env is not None else load_env(cfg.env)
 
 
-def step_episodes(tr, step: int, lm, context) -> Rollout:
-    """The episodes of training step ``step`` of the trainer ``tr``: ``--prompts-per-step`` groups of
-    ``--samples-per-prompt`` episodes on this process, each group's seed a function of the run's
-    seed, the step and the group (so a resumed run plays the same games); with a dataset, each group
-    gets the step's row as ``reset(row=...)``."""
+def final_rewards(rewards, batch: Rollout, rows: list, tok) -> dict:
+    """Add the reward functions' score of each episode to its last turn's reward (in place), and
+    return each function's (B,) scores. A function gets the first observation as the prompt, the last
+    action as the completion, and the episode's turns as the ``episode`` column (each turn's
+    ``action``, ``reward``, ``observation``), beside the dataset row's columns."""
+    cols = {"episode": batch.episodes}
+    for name in rows[0] or {}:
+        if name != "prompt":
+            cols[name] = [r[name] for r in rows for _ in range(batch.group_size)]
+    last = [turns[-1]["action"] if turns else "" for turns in batch.episodes]
+    per_fn, dense = rewards.score(batch.prompts, last, cols, [1] * len(last), None, tok)
+    final = dense.sum(1).to(batch.rewards)  # (B,)
+    B, T = batch.turn_end.shape
+    at = torch.where(batch.turn_end, torch.arange(T, device=batch.turn_end.device), -1).max(1).values  # (B,) last turn
+    ok = at >= 0
+    batch.rewards[ok, at[ok]] += final[ok]
+    batch.scores = batch.rewards.sum(1)
+    for turns, r in zip(batch.episodes, final.tolist()):
+        if turns:
+            turns[-1]["final_reward"] = r
+    return per_fn
+
+
+def step_episodes(tr, step: int, lm, context) -> tuple[Rollout, dict]:
+    """(the episodes of training step ``step`` of the trainer ``tr``, the reward functions' (B,)
+    scores): ``--prompts-per-step`` groups of ``--samples-per-prompt`` episodes on this process, each
+    group's seed a function of the run's seed, the step and the group (so a resumed run plays the
+    same games); with a dataset, each group gets the step's row as ``reset(row=...)``."""
     cfg, n, rank = tr.cfg, tr.cfg.prompts_per_step, tr.acc.process_index
     seeds = [(cfg.seed * 1_000_003 + step) * 10_007 + rank * n + k for k in range(n)]
     rows = [None] * n
@@ -254,37 +283,13 @@ def step_episodes(tr, step: int, lm, context) -> Rollout:
         prompts, cols = tr.prompts(step)
         rows = [{"prompt": p, **{c: v[k] for c, v in cols.items()}} for k, p in enumerate(prompts)]
     with context():
-        return run_episodes(lm, tr.tok, tr.make_env, seeds, rows, tr.delta, group_size=cfg.samples_per_prompt,
-                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                            max_episode_tokens=cfg.max_episode_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k, chat_template=cfg.chat_template, cpu_layer=tr.cpu_layer,
-                            env_timeout=cfg.env_timeout, env_error_reward=cfg.env_error_reward)
+        batch = run_episodes(lm, tr.tok, tr.make_env, seeds, rows, tr.delta, group_size=cfg.samples_per_prompt,
+                             max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                             max_episode_tokens=cfg.max_episode_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                             top_k=cfg.top_k, chat_template=cfg.chat_template, cpu_layer=tr.cpu_layer,
+                             env_timeout=cfg.env_timeout, env_error_reward=cfg.env_error_reward)
+    return batch, final_rewards(tr.rewards, batch, rows, tr.tok) if tr.rewards is not None else {}
 
 
 # held-out seeds: far from every training seed ((seed * 1_000_003 + step) * 10_007 + group)
 EVAL_SEED = 1 << 50
-
-
-def evaluate_env(tr) -> dict:
-    """The trainer's environment on ``--eval-size`` [100] held-out seeds, one greedy episode each,
-    split across processes: mean return (``eval/reward``), the share of episodes whose return reaches
-    ``--pass-threshold`` (``eval/accuracy``: success), turns, and the share cut (``eval/truncated_frac``)."""
-    cfg, acc = tr.cfg, tr.acc
-    n = cfg.eval_size if cfg.eval_size is not None else 100
-    seeds = [EVAL_SEED + k for k in range(acc.process_index, n, acc.num_processes)]
-    lm, context = tr.sampling_lm()
-    tr.policy.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
-    for i in range(0, len(seeds), cfg.eval_batch_size):
-        chunk = seeds[i : i + cfg.eval_batch_size]
-        with context():
-            b = run_episodes(lm, tr.tok, tr.make_env, chunk, [None] * len(chunk), tr.delta, group_size=1,
-                             max_turns=cfg.max_turns, max_new_tokens=cfg.eval_tokens,
-                             max_episode_tokens=cfg.max_episode_tokens, chat_template=cfg.chat_template,
-                             cpu_layer=tr.cpu_layer, env_timeout=cfg.env_timeout,
-                             env_error_reward=cfg.env_error_reward, greedy=True)
-        sums += torch.stack([b.scores.sum(), (b.scores >= cfg.pass_threshold).sum(), b.turn_end.sum(),
-                             b.truncated.sum()]).to(sums)
-    sums = tr.coll.reduce(sums, "sum")
-    keys = ("eval/reward", "eval/accuracy", "eval/turns", "eval/truncated_frac")
-    return {k: float(v) / max(n, 1) for k, v in zip(keys, sums.tolist())}

@@ -4,8 +4,13 @@
 
 Greedy completions give the mean reward, accuracy (total reward >= --pass-threshold), mean length
 and the fraction cut at the token limit; --eval-samples n sampled completions per prompt give
-pass@k. The same code evaluates during training (pg_lm/lm/evaluate.py). Prints the result as JSON
-and writes ``eval.json`` and ``eval_samples.jsonl`` to --output-dir.
+pass@k. With ``--env`` it plays held-out episodes instead (one greedy episode per seed: success, mean
+return, turns; --eval-samples n sampled episodes per seed give pass@k over episodes):
+
+    pg-lm eval --adapter runs/guess/checkpoint-last --env guess --max-turns 4 --eval-size 200
+
+The same code evaluates during training (pg_lm/lm/evaluate.py). Prints the result as JSON and writes
+``eval.json`` and ``eval_samples.jsonl`` to --output-dir.
 """
 
 from __future__ import annotations
@@ -41,18 +46,35 @@ def eval_prompts_and_rewards(cfg: EvalConfig):
     return held_out, fns or task_fns, weights
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluate as ``cfg`` says; returns (and writes) the result."""
-    from .data import check_dataset
-    from .evaluate import evaluate_prompts, truncation_warning
-    from .export import find_checkpoint, is_adapter, load_trained, run_config
-    from .rewards import RewardModel, RewardSet
-    from .sampling import fit_prompts
+def what_to_evaluate(cfg: EvalConfig):
+    """(the --env's environment maker or None, the prompts or None, the RewardSet or None), checked
+    before any model loads. An environment scores its episodes (reward functions, if given, add a
+    final reward); prompts need reward functions (a task's, or --reward's)."""
+    from pg_lm.envs import load_env
 
+    from .data import check_dataset
+    from .reward_specs import rewards_from_config
+    from .rewards import RewardSet
+
+    if cfg.env is not None:
+        fns, weights = rewards_from_config(cfg)
+        return load_env(cfg.env), None, RewardSet(fns, weights, timeout=cfg.reward_timeout) if fns else None
     dataset, fns, weights = eval_prompts_and_rewards(cfg)
     rewards = RewardSet(fns, weights, timeout=cfg.reward_timeout)
     check_dataset(dataset, "evaluation")
     rewards.check_columns(dataset.column_names, "evaluation")
+    return None, dataset, rewards
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate as ``cfg`` says; returns (and writes) the result."""
+    from .episodes import check_template
+    from .evaluate import evaluate_episodes, evaluate_prompts, truncation_warning
+    from .export import find_checkpoint, is_adapter, load_trained, run_config
+    from .rewards import RewardModel
+    from .sampling import fit_prompts
+
+    make_env, dataset, rewards = what_to_evaluate(cfg)
     adapter = find_checkpoint(cfg.adapter, "--adapter") if cfg.adapter else None
     if adapter is not None and not is_adapter(adapter):
         raise ValueError(f"--adapter {cfg.adapter} holds a full model, not a LoRA adapter: pass it as --model")
@@ -64,21 +86,27 @@ def run_eval(cfg: EvalConfig) -> dict:
     lm, tok = load_trained(cfg.model, adapter)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm.to(device)
-    for fn in fns:
+    for fn in rewards.fns if rewards else ():
         if isinstance(fn, RewardModel):
             fn.model.to(device)
-    dataset, note = fit_prompts(dataset, tok, cfg.chat_template, cfg.max_prompt_length, cfg.long_prompts,
-                                "evaluation", cfg.system_prompt)
-    if note:
-        print(note, file=sys.stderr)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     context = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
     samples: list = []
-    metrics = evaluate_prompts(lm, tok, rewards, dataset, cfg, max_new_tokens, context=context, samples=samples)
-    n = len(dataset) if cfg.eval_size is None else min(cfg.eval_size, len(dataset))
-    result = {"model": cfg.model, "adapter": str(adapter) if adapter else None, "prompts": n,
+    if dataset is None:
+        delta = check_template(tok, cfg.model or str(adapter), cfg.system_prompt)
+        metrics = evaluate_episodes(lm, tok, make_env, delta, cfg, max_new_tokens, context=context, rewards=rewards,
+                                    samples=samples)
+        size = {"env": cfg.env, "episodes": cfg.eval_size if cfg.eval_size is not None else 100}
+    else:
+        dataset, note = fit_prompts(dataset, tok, cfg.chat_template, cfg.max_prompt_length, cfg.long_prompts,
+                                    "evaluation", cfg.system_prompt)
+        if note:
+            print(note, file=sys.stderr)
+        metrics = evaluate_prompts(lm, tok, rewards, dataset, cfg, max_new_tokens, context=context, samples=samples)
+        size = {"prompts": len(dataset) if cfg.eval_size is None else min(cfg.eval_size, len(dataset))}
+    result = {"model": cfg.model, "adapter": str(adapter) if adapter else None, **size,
               "max_new_tokens": max_new_tokens, "eval_samples": cfg.eval_samples, **metrics}
-    warning = truncation_warning(metrics, max_new_tokens, "--eval-max-new-tokens")
+    warning = truncation_warning(metrics, max_new_tokens, "--eval-max-new-tokens") if dataset is not None else None
     if warning:
         result["warnings"] = [warning]
         print(warning, file=sys.stderr)

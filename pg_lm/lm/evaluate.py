@@ -2,7 +2,9 @@
 training) and ``pg-lm eval``: greedy completions give the mean total reward, accuracy (the fraction
 with total reward >= ``pass_threshold``), mean completion length and the fraction cut at the token
 limit; with ``eval_samples`` n > 0, n sampled completions per prompt give pass@k (the unbiased
-estimator of Chen et al. 2021, :func:`pg_lm.core.pass_at_k`)."""
+estimator of Chen et al. 2021, :func:`pg_lm.core.pass_at_k`). An environment is evaluated the same
+way on held-out seeds, one episode per seed in place of one completion per prompt
+(:func:`evaluate_episodes`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from pg_lm.core import pass_at_k
 
+from . import episodes as ep
 from .sampling import sample
 
 # an evaluation that cuts more than this fraction of its greedy completions at the token limit says so
@@ -87,11 +90,65 @@ def truncation_warning(metrics: dict, max_new_tokens: int, flag: str) -> str | N
             f"reward is that of an unfinished answer (raise {flag})")
 
 
-def evaluate(trainer, dataset) -> dict:
-    """The trainer's held-out evaluation (:func:`evaluate_prompts` on its policy, split across processes)."""
+@torch.no_grad()
+def evaluate_episodes(lm, tok, make_env, delta, cfg, max_new_tokens: int, *, rank: int = 0, world: int = 1,
+                      reduce=None, context=nullcontext, cpu_layer: bool = False, rewards=None,
+                      samples: list | None = None) -> dict:
+    """Metrics over ``cfg.eval_size`` [100] held-out seeds (``EVAL_SEED`` + k, this process taking
+    ``rank::world``), one greedy episode each (``max_new_tokens`` per turn): the mean return
+    (``eval/reward``, with the reward functions' final reward when ``rewards``), success (the share
+    whose return reaches ``pass_threshold``: ``eval/accuracy``), turns, action tokens, the share cut;
+    with ``eval_samples`` n > 0, n sampled episodes per seed give pass@k. ``samples`` receives one
+    row per episode, its turns included."""
+    n = cfg.eval_size if cfg.eval_size is not None else 100
+    seeds = [ep.EVAL_SEED + k for k in range(rank, n, world)]
+    keys = ["eval/reward", "eval/accuracy", "eval/turns", "eval/length", "eval/truncated_frac",
+            *[f"eval/pass@{k}" for k in cfg.pass_ks]]
+    sums = dict.fromkeys(keys, 0.0)
+    opts = dict(max_turns=cfg.max_turns, max_new_tokens=max_new_tokens, max_episode_tokens=cfg.max_episode_tokens,
+                chat_template=cfg.chat_template, cpu_layer=cpu_layer, env_timeout=cfg.env_timeout,
+                env_error_reward=cfg.env_error_reward)
+
+    def play(chunk, kind, G=1, **sampling):
+        b = ep.run_episodes(lm, tok, make_env, chunk, [None] * len(chunk), delta, group_size=G, **opts, **sampling)
+        if rewards is not None:
+            ep.final_rewards(rewards, b, [None] * len(chunk), tok)
+        if samples is not None:
+            samples.extend({"kind": kind, "seed": s, "prompt": p, "reward": float(r), "turns": t}
+                           for s, p, r, t in zip([s for s in chunk for _ in range(G)], b.prompts, b.scores, b.episodes))
+        return b
+
+    with context():  # entered on every process, even one with no seeds: under FSDP2 it gathers the weights
+        for i in range(0, len(seeds), cfg.eval_batch_size):
+            chunk = seeds[i : i + cfg.eval_batch_size]
+            b = play(chunk, "greedy", greedy=True)
+            for key, v in (("eval/reward", b.scores), ("eval/accuracy", b.scores >= cfg.pass_threshold),
+                           ("eval/turns", b.turn_end), ("eval/length", b.completion_mask),
+                           ("eval/truncated_frac", b.truncated)):
+                sums[key] += float(v.float().sum())
+            if cfg.pass_ks:
+                G = cfg.eval_samples
+                b = play(chunk, "sampled", G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+                correct = (b.scores >= cfg.pass_threshold).view(-1, G)
+                for k in cfg.pass_ks:
+                    sums[f"eval/pass@{k}"] += float(pass_at_k(torch.full_like(correct[:, 0], G, dtype=torch.long),
+                                                              correct.sum(1), k).sum())
+    vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)  # host: Python sums; reduce moves them
+    if reduce is not None:
+        vals = reduce(vals)
+    return {k: float(v) / max(n, 1) for k, v in zip(keys, vals.tolist())}
+
+
+def evaluate(trainer) -> dict:
+    """The trainer's held-out evaluation (:func:`evaluate_prompts` on its evaluation prompts, or
+    :func:`evaluate_episodes` on its environment) on its policy, split across processes."""
     cfg, acc = trainer.cfg, trainer.acc
     lm, context = trainer.sampling_lm()
     trainer.policy.eval()
     reduce = (lambda t: acc.reduce(t.to(acc.device), "sum").cpu()) if acc.num_processes > 1 else None
-    return evaluate_prompts(lm, trainer.tok, trainer.rewards, dataset, cfg, cfg.eval_tokens, rank=acc.process_index,
-                            world=acc.num_processes, reduce=reduce, context=context, cpu_layer=trainer.cpu_layer)
+    where = dict(rank=acc.process_index, world=acc.num_processes, reduce=reduce, context=context,
+                 cpu_layer=trainer.cpu_layer)
+    if trainer.make_env is not None:
+        return evaluate_episodes(lm, trainer.tok, trainer.make_env, trainer.delta, cfg, cfg.eval_tokens,
+                                 rewards=trainer.rewards, **where)
+    return evaluate_prompts(lm, trainer.tok, trainer.rewards, trainer.eval_ds, cfg, cfg.eval_tokens, **where)

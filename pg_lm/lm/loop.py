@@ -136,8 +136,11 @@ def write_samples(tr, batch, adv) -> None:
     cfg, step = tr.cfg, tr.state.step
     if step % cfg.samples_every and step != 1:
         return
-    tr.writer.samples([{"step": step, "prompt": p, "completion": c, "reward": float(r)}
-                       for p, c, r in zip(batch.prompts, batch.completions, batch.scores)])
+    rows = [{"step": step, "prompt": p, "completion": c, "reward": float(r)}
+            for p, c, r in zip(batch.prompts, batch.completions, batch.scores)]
+    for row, turns in zip(rows, batch.episodes or ()):  # an episode: its turns, each with its reward
+        row["turns"] = turns
+    tr.writer.samples(rows)
     if tr.writer.enabled:  # decoding is work: the writing process only
         tr.writer.samples(credit.token_rows(batch, adv, tr.tok, step, cfg.samples_per_prompt, cfg.kl_estimator),
                           name=credit.FILE)

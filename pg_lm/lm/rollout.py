@@ -39,6 +39,8 @@ class Rollout:
     group_size: int = 1  # G: rows [iG, (i+1)G) are samples of the same prompt
     turn_end: Tensor | None = None  # (B, T) bool, episodes of many turns (episodes.py): each turn's last action token
     completion_attention: Tensor | None = None  # (B, T) 1 on every real token, observations too (None: completion_mask)
+    episodes: list | None = None  # (B,) an episode's turns, each {"action", "reward", "observation"} (text)
+    env_s: float = 0.0  # seconds the environments took to reset and step (episodes)
 
     @property
     def attention(self) -> Tensor:
@@ -66,6 +68,7 @@ class Rollout:
             out["reward/greedy"] = self.greedy_scores.mean()
         if self.turn_end is not None:  # episodes of many turns
             out["episode/turns"] = self.turn_end.sum(1).float().mean()
+            out["perf/env_s"] = self.env_s
         return out
 
     def select(self, idx: Tensor, group_size: int = 1) -> "Rollout":

@@ -45,11 +45,16 @@ def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None,
     ``dataset`` / ``reward`` flags, else from the built-in ``cfg.task``. With ``env`` (a function
     making a text environment: pg_lm.envs) or ``cfg.env``: episodes of many turns, rewarded by the
     environment, on ``train_dataset``'s rows or ``--dataset``'s when given (docs/environments.md)."""
+    from .data import datasets_from_config
+    from .reward_specs import rewards_from_config
     from .trainer import Trainer
 
     if env is not None or cfg.env is not None:
         if train_dataset is None and cfg.dataset:
-            train_dataset, eval_dataset = prompts_and_rewards(cfg, [], None, None)[:2]
+            train_dataset = datasets_from_config(cfg)[0]
+        if reward_fns is None and (cfg.reward or cfg.reward_model):  # a final reward beside the environment's
+            reward_fns, weights = rewards_from_config(cfg)
+            reward_weights = reward_weights if reward_weights is not None else weights
         return Trainer(cfg, reward_fns or [], train_dataset, None, reward_weights, env=env).train()
     train_dataset, eval_dataset, reward_fns, reward_weights = prompts_and_rewards(
         cfg, reward_fns, train_dataset, eval_dataset, reward_weights)

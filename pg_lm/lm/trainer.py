@@ -42,13 +42,15 @@ class Trainer:
     def __init__(self, cfg: LMConfig, reward_fns, train_dataset, eval_dataset=None, reward_weights=None, env=None):
         if env is not None and cfg.env is None:  # episodes of many turns: recorded, and checked by the config
             cfg = dataclasses.replace(cfg, env=episodes.env_name(env))
-        self.cfg, self.make_env = cfg, episodes.resolve_env(cfg, env, reward_fns)  # (then the env gives the rewards)
-        self.rewards = None if self.make_env else RewardSet(reward_fns, reward_weights, timeout=cfg.reward_timeout)
+        self.cfg, self.make_env = cfg, episodes.resolve_env(cfg, env)  # (then the env gives the rewards)
+        # with an environment, reward functions (optional) add a final reward to each episode
+        self.rewards = RewardSet(reward_fns, reward_weights, timeout=cfg.reward_timeout) \
+            if reward_fns or not self.make_env else None
         for ds, what in ((train_dataset, "training"), (eval_dataset, "evaluation")):
             if ds is not None:
                 check_dataset(ds, what)
                 if self.rewards is not None:
-                    self.rewards.check_columns(ds.column_names, what)
+                    self.rewards.check_columns(ds.column_names + (["episode"] if self.make_env else []), what)
         parts, self.state = build(cfg)  # (resumed when cfg.resume)
         self.acc, self.tok, self.policy, self.ref, self.params = parts.acc, parts.tok, parts.policy, parts.ref, parts.params
         self.opt, self.sched, self.writer = parts.opt, parts.sched, parts.writer
@@ -146,11 +148,11 @@ class Trainer:
         lm, context = self.sampling_lm()
         t0 = time.perf_counter()
         self.policy.eval()
-        if self.make_env is not None:
-            batch, per_fn = episodes.step_episodes(self, step, lm, context), {}
-        else:
-            # what TRL's reward functions read as ``trainer_state`` (the progress of the run)
+        if self.rewards is not None:  # what TRL's reward functions read as ``trainer_state`` (the run's progress)
             self.rewards.trainer_state = SimpleNamespace(global_step=step, max_steps=cfg.max_steps)
+        if self.make_env is not None:
+            batch, per_fn = episodes.step_episodes(self, step, lm, context)
+        else:
             batch, per_fn = self._draw(*self.prompts(step), lm, context)
         stats = batch.stats(per_fn, cfg.pass_threshold)
         if cfg.samples_per_prompt > 1:
@@ -250,7 +252,7 @@ class Trainer:
         return self.eval_ds is not None or (self.make_env is not None and self.cfg.eval_size != 0)
 
     def evaluate(self) -> dict:
-        return episodes.evaluate_env(self) if self.make_env is not None else evaluate(self, self.eval_ds)
+        return evaluate(self)
 
     def train(self) -> dict:
         """Run to ``max_steps`` (or ``max_seconds``): :func:`pg_lm.lm.loop.train`."""
