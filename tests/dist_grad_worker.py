@@ -13,7 +13,8 @@ replaced by a function that copies every trainable parameter's gradient, so noth
 and each case sees the same weights. Rank 0 writes ``OUT_DIR/grads_<world>.pt``:
 ``{case: {param name: grad}}``. With ``--train`` it then runs one real training step with
 a held-out evaluation of 1 prompt (fewer prompts than processes) and writes
-``OUT_DIR/run/summary.json`` and its checkpoint; ``--resume`` continues that run for a step.
+``OUT_DIR/run/summary.json`` and its checkpoint, after a step on episodes of many turns
+(``OUT_DIR/env_step.json``); ``--resume`` continues the run for a step.
 Each rank writes the names of its threads after training to
 ``OUT_DIR/threads_<rank>.json`` (Linux; ``null`` elsewhere): gloo's must be gone (``Trainer.end``).
 """
@@ -52,6 +53,8 @@ CASES.update({
     "zeroed/skip-micro2": {"_zero_rows": ZERO_ROWS, "micro_batch_size": 2},
 })
 GAE_CASES = {"gae": {}, "gae/micro3": {"micro_batch_size": 3}}
+# episodes of many turns: every third completion position an observation token (attended, not trained on)
+CASES.update({"episodes": {"_episodes": True}, "episodes/micro3": {"_episodes": True, "micro_batch_size": 3}})
 
 
 def global_batch(pad_id: int):
@@ -76,6 +79,16 @@ def global_batch(pad_id: int):
         prompts=[f"p{i // G}" for i in range(8)], completions=[""] * 8, group_size=G,
     )
     return batch, adv, returns
+
+
+def as_episodes(batch):
+    """``batch`` as episodes of many turns: positions 2, 5 (of the real ones) observation tokens, each
+    turn's last action token marked (the same tokens, attended; fewer of them trained on)."""
+    obs = (torch.arange(T)[None] % 3 == 2) & batch.completion_mask.bool()  # (8, T)
+    ep = dataclasses.replace(batch, completion_attention=batch.completion_mask.clone(),
+                             completion_mask=batch.completion_mask * ~obs)
+    ep.turn_end = (torch.arange(T)[None] % 3 == 1) & ep.completion_mask.bool()
+    return ep
 
 
 def _zero(prompts, completions, **_):
@@ -120,9 +133,13 @@ def gradients(trainer, cases: dict, with_returns: bool) -> dict:
         overrides = dict(overrides)
         a = adv.clone()
         a[overrides.pop("_zero_rows", [])] = 0.0
+        part = local
+        if overrides.pop("_episodes", False):
+            part = as_episodes(local)
+            a = a * as_episodes(batch).completion_mask.to(a)
         trainer.cfg = dataclasses.replace(base, **overrides)
         captured.clear()
-        stats, _ = trainer.update(local, a[rows], returns[rows] if with_returns else None)
+        stats, _ = trainer.update(part, a[rows], returns[rows] if with_returns else None)
         skipped = "skip" in case.split("/")[-1]
         assert (stats["perf/trained_frac"] < 1) == skipped, (case, stats["perf/trained_frac"])
         assert captured, f"{case}: the optimizer step was never reached"
@@ -143,6 +160,35 @@ def train_run(model_dir: str, out_dir: str, **kw):
     return run
 
 
+class Count:
+    """An environment: two turns, reward 1 for an action that holds a digit."""
+
+    def reset(self, *, seed, row=None):
+        self.n = 0
+        return f"count {seed % 7}"
+
+    def step(self, action):
+        self.n += 1
+        return "next", float(any(c.isdigit() for c in action)), self.n >= 2, False, {}
+
+
+def env_step(model_dir: str, out_dir: str) -> None:
+    """One training step on episodes, then the evaluation on 3 held-out seeds split over the
+    processes; rank 0 writes both's metrics to ``OUT_DIR/env_step.json`` (the run is not ended:
+    the launch's training run after it needs the process group)."""
+    from pg_lm.lm import LMConfig
+    from pg_lm.lm.trainer import Trainer
+
+    cfg = LMConfig(model=model_dir, output_dir=str(Path(out_dir) / "env_run"), prompts_per_step=2, samples_per_prompt=G,
+                   max_new_tokens=3, max_turns=3, max_steps=1, eval_size=3, lora_r=0, progress=False,
+                   mixed_precision="no", credit="turn")
+    run = Trainer(cfg, [], None, env=Count)
+    stats = {k: float(v) for k, v in run.train_step().items()}
+    stats.update(run.evaluate())
+    if run.acc.is_main_process:
+        (Path(out_dir) / "env_step.json").write_text(json.dumps(stats))
+
+
 def resume(model_dir: str, out_dir: str) -> None:
     """Continue ``OUT_DIR/run`` (saved by a ``--train`` launch) for one more step."""
     train_run(model_dir, out_dir, max_steps=2, resume=True)
@@ -158,6 +204,7 @@ def main(model_dir: str, out_dir: str, train: bool = False) -> dict:
     if tr.acc.is_main_process:
         torch.save(grads, out / f"grads_{world}.pt")
     if train:
+        env_step(model_dir, out_dir)
         del tr  # the gradient trainers' DDP wrappers hold the process group: run.end() must be able to free it
         gc.collect()
         run = train_run(model_dir, out_dir, max_steps=1)

@@ -66,6 +66,11 @@ def test_gradients_match_across_processes_and_micro_batches(tiny_lm_dir, tmp_pat
     # the losses differ between aggregation modes (so the comparisons above are not vacuous)
     assert not torch.allclose(one["token-mean"]["lm.lm_head.weight"], one["seq-mean-token-mean"]["lm.lm_head.weight"])
 
+    # episodes: observation tokens in the rows, the same gradient however the rows are split
+    assert not torch.allclose(one["token-mean"]["lm.lm_head.weight"], one["episodes"]["lm.lm_head.weight"])
+    env = json.loads((tmp_path / "two" / "env_step.json").read_text())  # a step and 3 held-out seeds over 2 processes
+    assert env["episode/turns"] == 2.0 and env["eval/turns"] == 2.0 and 0 <= env["eval/accuracy"] <= 1
+
     # the same launch trained a step with a 1-prompt evaluation split over 2 processes
     run = tmp_path / "two" / "run"
     summary = json.loads((run / "summary.json").read_text())
