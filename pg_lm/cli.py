@@ -14,7 +14,8 @@ USAGE = """usage: pg-lm {gym,lm,eval,export,variance,view} [flags]
   pg-lm lm  --dataset data.jsonl --reward rewards.py:correct ...   ... on your prompts and rewards
   pg-lm eval --adapter runs/lm/checkpoint-last --eval-samples 8 ...   accuracy, pass@k, lengths
   pg-lm export runs/lm/checkpoint-last OUT_DIR   a LoRA adapter merged into its base, as an HF folder
-  pg-lm variance --task arithmetic --batches 32 ...   gradient variance of each baseline (--env ENV: gym)
+  pg-lm variance --task arithmetic --batches 32 ...   gradient variance of each baseline
+                  (--env CartPole-v1: gym's methods; --env guess: the credit modes of episodes)
   pg-lm view runs/lm [--step N]   logged completions, each token shaded by its advantage (view.html)
 
 Run `pg-lm <command> --help` for every flag."""
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         from pg_lm.lm.export import main as export_main
 
         return export_main(rest)
-    if cmd == "variance":  # --env: the classic-control methods; else the language-model estimators
-        if any(a == "--env" or a.startswith("--env=") for a in rest):
+    if cmd == "variance":  # --env GYM_ID: the classic-control methods; else the language-model estimators
+        if gym_env(rest):
             from pg_lm.gym.variance import main as variance_main
         else:
             from pg_lm.lm.variance import main as variance_main
@@ -55,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         return view_main(rest)
     print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def gym_env(args: list[str]) -> bool:
+    """Whether ``args`` name a Gymnasium environment (``--env CartPole-v1``), not a text one (a built-in
+    of pg_lm.envs, or ``file.py:Class`` / ``module:Class``: episodes of many turns for a language model)."""
+    from pg_lm.envs import ENVS
+
+    for k, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--env=") else args[k + 1] if a == "--env" and k + 1 < len(args) else None
+        if value is not None:
+            return value not in ENVS and ":" not in value
+    return False
 
 
 if __name__ == "__main__":

@@ -52,6 +52,33 @@ def test_lm_variance_of_every_estimator_from_the_same_samples(tiny_lm_dir, tmp_p
     assert (tmp_path / "var" / "variance.png").exists()
 
 
+def test_lm_variance_of_the_credit_modes_of_episodes(tiny_lm_dir, tmp_path):
+    """With --env every credit mode is measured on the same episodes: episode-level RLOO, per-turn
+    returns (over episodes, over the turn index), GAE over action tokens; a single-completion
+    estimator with --env (or a credit mode without) is refused in one line."""
+    from pg_lm.lm.variance import EPISODE_ESTIMATORS, VarianceConfig, run_variance
+
+    (tmp_path / "env.py").write_text(
+        "class Varied:\n"
+        "    def reset(self, *, seed, row=None):\n"
+        "        self.k = 0\n"
+        "        return f'start {seed}'\n"
+        "    def step(self, action):\n"
+        "        self.k += 1\n"
+        "        return f't{self.k}', float(sum(map(ord, action)) % 5) / 4, self.k >= 3, False, {}\n")
+    env = f"{tmp_path / 'env.py'}:Varied"
+    cfg = VarianceConfig(model=tiny_lm_dir, **TINY, env=env, max_turns=3, batches=3, reference_batches=1,
+                         output_dir=str(tmp_path / "var"))
+    result, table = run_variance(cfg)
+    res = result["results"]
+    assert list(res) == EPISODE_ESTIMATORS and result["env"] == env and result["reference"] == "episode"
+    assert all(r["variance"] > 0 and r["mean_norm"] > 0 for r in res.values())
+    assert res["turn"]["variance"] != pytest.approx(res["episode"]["variance"], rel=1e-3)  # later turns: less return
+    for bad in (dict(env="guess", estimators=["loo"]), dict(estimators=["turn"])):
+        with pytest.raises(ValueError, match="with --env compare the credit modes"):
+            VarianceConfig(model=tiny_lm_dir, **TINY, **bad)
+
+
 def test_remax_is_measured_on_a_rollout_with_greedy_rows(tiny_lm_dir, tmp_path):
     """ReMax's baseline is the greedy completion's reward: a rollout of its own, shared with the
     estimators that need nothing more; with a value head it is refused."""
@@ -106,6 +133,7 @@ def test_lm_variance_of_a_trained_adapter_from_the_command_line(tiny_lm_dir, tmp
     (["--env", "CartPole-v1", "--batches", "1"], "--batches must be >= 2"),
     (["--env", "CartPole-v1", "--policy", "no/such/policy.pt"], "--policy no/such/policy.pt: no such file"),
     (["--env", "NoSuchEnv-v0"], "unknown environment 'NoSuchEnv-v0'"),
+    (["--env", "guess", "--estimators", "loo"], "with --env compare the credit modes"),  # a text env: the LM backend
 ])
 def test_bad_variance_input_is_one_line_exit_2(argv, fragment, tiny_lm_dir, tmp_path, capsys):
     argv = ["variance", *argv, "--output-dir", str(tmp_path)]

@@ -178,19 +178,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ estimate
     def advantages(self, batch: Rollout, estimator: str | None = None, baseline: str | None = None,
-                   scale_rewards: bool | None = None) -> tuple[Tensor, Tensor | None]:
+                   scale_rewards: bool | None = None, credit: str | None = None,
+                   turn_baseline: str | None = None) -> tuple[Tensor, Tensor | None]:
         """(advantages (B, T), value targets (B, T) or None) of a scored rollout, as the config asks;
-        ``estimator`` / ``baseline`` / ``scale_rewards`` given: as those flags would (pg_lm/lm/variance.py
-        compares estimators on one rollout)."""
+        ``estimator`` / ``baseline`` / ``scale_rewards`` / ``credit`` / ``turn_baseline`` given: as those
+        flags would (pg_lm/lm/variance.py compares estimators on one rollout)."""
         cfg = self.cfg
         estimator = cfg.estimator if estimator is None else estimator
         baseline = cfg.baseline if baseline is None else baseline
         scale_rewards = cfg.scale_rewards if scale_rewards is None else scale_rewards
+        credit = cfg.credit if credit is None else credit
+        turn_baseline = cfg.turn_baseline if turn_baseline is None else turn_baseline
         greedy = batch.greedy_scores[::cfg.samples_per_prompt] if batch.greedy_scores is not None else None  # (B / G,)
         if batch.turn_end is not None:  # episodes of many turns: credit over turns (--credit)
             adv, returns = estimate.episode_advantages(
-                cfg.credit, baseline, batch.rewards, batch.completion_mask, batch.turn_end, batch.values, batch.truncated,
-                cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.turn_gamma, cfg.turn_baseline, scale_rewards)
+                credit, baseline, batch.rewards, batch.completion_mask, batch.turn_end, batch.values, batch.truncated,
+                cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, cfg.turn_gamma, turn_baseline, scale_rewards)
         else:
             adv, returns = estimate.advantages(estimator, baseline, batch.rewards, batch.completion_mask, batch.values,
                                                cfg.samples_per_prompt, cfg.gamma, cfg.gae_lambda, scale_rewards,

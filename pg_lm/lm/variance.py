@@ -40,10 +40,12 @@ class Estimator:
     # the --baseline the trainer must be built with for its rollout to hold what this estimator needs
     # beyond the samples and a value head (e.g. a baseline that decodes extra completions), else None
     rollout_baseline: str | None = None
+    credit: str | None = None  # --credit: an estimator of episodes of many turns (--env), else None
+    turn_baseline: str = "episode"  # --turn-baseline (--credit turn)
 
     @property
     def uses_value_head(self) -> bool:
-        return self.estimator == "gae" or self.baseline == "value"
+        return self.estimator == "gae" or self.baseline == "value" or self.credit == "gae"
 
 
 # name -> flags; a new baseline of the trainer is one more line here
@@ -58,8 +60,16 @@ ESTIMATORS: dict[str, Estimator] = {
     # ReMax's rollout holds a greedy completion per prompt and no value head: measured in a run of its own
     "remax": Estimator("reinforce", "remax", rollout_baseline="remax"),
 }
-# what an empty --estimators measures: every estimator one rollout can serve
-DEFAULT_ESTIMATORS = [n for n, e in ESTIMATORS.items() if e.rollout_baseline is None]
+# episodes of many turns (--env): the credit modes, each over RLOO's leave-one-out baseline
+ESTIMATORS.update({
+    "episode": Estimator("reinforce", "loo", credit="episode"),
+    "turn": Estimator("reinforce", "loo", credit="turn"),
+    "turn_index": Estimator("reinforce", "loo", credit="turn", turn_baseline="turn_index"),
+    "turn_gae": Estimator("reinforce", "loo", credit="gae"),
+})
+# what an empty --estimators measures: every estimator one rollout can serve (with --env: every credit mode)
+DEFAULT_ESTIMATORS = [n for n, e in ESTIMATORS.items() if e.rollout_baseline is None and e.credit is None]
+EPISODE_ESTIMATORS = [n for n, e in ESTIMATORS.items() if e.credit is not None]
 
 
 @record_explicit
@@ -71,14 +81,18 @@ class VarianceConfig(LMConfig):
     batches: int = arg(16, "K: independent batches drawn at the fixed policy (>= 2)")
     estimators: list[str] = arg([], "estimators to compare (empty = all but remax, which needs a rollout of its own: "
                                 "--estimators remax none loo ...)", tuple(ESTIMATORS))
-    reference: str = arg("loo", "estimator of the large-batch reference gradient", tuple(ESTIMATORS))
+    reference: str | None = arg(None, "estimator of the large-batch reference gradient (None = loo; with --env, "
+                                "episode)", tuple(ESTIMATORS))
     reference_batches: int = arg(16, "further batches averaged into the reference gradient (0 = no cosine)")
     adapter: str | None = arg(None, "a LoRA adapter merged into --model first: RUN_DIR/checkpoint-last, or the run folder")
     output_dir: str = arg("runs/variance", "where variance.json and variance.png go")
 
     def __post_init__(self):
+        if self.reference is None:
+            self.reference = "episode" if self.env is not None else "loo"
         super().__post_init__()
-        chosen = sorted({"estimator", "baseline", "scale_rewards", "loss_type"} & getattr(self, "_explicit", set()))
+        chosen = sorted({"estimator", "baseline", "scale_rewards", "loss_type", "credit", "turn_baseline"}
+                        & getattr(self, "_explicit", set()))
         if chosen:
             raise ValueError(f"--{chosen[0].replace('_', '-')}: pg-lm variance compares estimators; name them "
                              f"with --estimators ({', '.join(ESTIMATORS)})")
@@ -87,13 +101,19 @@ class VarianceConfig(LMConfig):
         if self.reference_batches < 0:
             raise ValueError(f"--reference-batches must be >= 0, got {self.reference_batches}")
         used = {*self.names, *([self.reference] if self.reference_batches else [])}
+        episodic = {n for n in used if ESTIMATORS[n].credit is not None}
+        if episodic != (used if self.env is not None else set()):
+            apart = sorted(used - episodic) if self.env is not None else sorted(episodic)
+            raise ValueError(f"--estimators / --reference {', '.join(apart)}: with --env compare the credit modes "
+                             f"({', '.join(EPISODE_ESTIMATORS)}), without it the single-completion estimators")
         if self.samples_per_prompt < 2 and {"group_mean", "group_mean_std", "loo"} & used:
             raise ValueError("the group baselines (group_mean, group_mean_std, loo; also as --reference) need "
                              "--samples-per-prompt >= 2")
 
     @property
     def names(self) -> list[str]:
-        return list(dict.fromkeys(self.estimators or DEFAULT_ESTIMATORS))
+        default = EPISODE_ESTIMATORS if self.env is not None else DEFAULT_ESTIMATORS
+        return list(dict.fromkeys(self.estimators or default))
 
 
 def policy_params(trainer) -> list[Tensor]:
@@ -109,7 +129,7 @@ def policy_gradients(trainer, batch, names: list[str]) -> dict[str, Tensor]:
     out = {}
     for name in names:
         est = ESTIMATORS[name]
-        adv, _ = trainer.advantages(batch, est.estimator, est.baseline, est.scale_rewards)
+        adv, _ = trainer.advantages(batch, est.estimator, est.baseline, est.scale_rewards, est.credit, est.turn_baseline)
         loss = trainer.rollout_loss(batch, adv)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
@@ -154,22 +174,31 @@ def run_variance(cfg: VarianceConfig, progress=None, reward_fns=None, train_data
     not passed in come from the flags, as for :func:`pg_lm.lm.train.train`."""
     from pg_lm.run.variance import measure, write_report
 
+    from .data import datasets_from_config
+    from .reward_specs import rewards_from_config
     from .train import prompts_and_rewards
     from .trainer import Trainer
 
     names = cfg.names
+    measured = [*names, cfg.reference] if cfg.reference_batches else names
     # bad input stops here, before any model loads
-    train_ds, _, fns, weights = prompts_and_rewards(cfg, reward_fns, train_dataset, None, reward_weights)
+    if cfg.env is not None:  # episodes: the environment rewards (reward functions, if any, add a final reward)
+        train_ds = train_dataset if train_dataset is not None or not cfg.dataset else datasets_from_config(cfg)[0]
+        fns, weights = (reward_fns, reward_weights) if reward_fns is not None else rewards_from_config(cfg)
+        rollout = {"baseline": "loo", "credit": "gae" if any(ESTIMATORS[n].uses_value_head for n in measured)
+                   else "episode"}
+    else:
+        train_ds, _, fns, weights = prompts_and_rewards(cfg, reward_fns, train_dataset, None, reward_weights)
+        rollout = {"baseline": trainer_baseline(measured)}
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_to_load(cfg, tmp)
-        baseline = trainer_baseline([*names, cfg.reference] if cfg.reference_batches else names)
         fields = {f.name for f in dataclasses.fields(LMConfig)}
         base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}
-        tcfg = LMConfig(**{**base, "model": model, "loss_type": None, "estimator": "reinforce",
-                           "baseline": baseline, "scale_rewards": False,
+        tcfg = LMConfig(**{**base, "model": model, "loss_type": None, "estimator": "reinforce", **rollout,
+                           "scale_rewards": False,
                            "output_dir": f"{tmp}/trainer", "save_model": False, "progress": False, "resume": False,
                            "report_to": "none"})
-        trainer = Trainer(tcfg, fns, train_ds, None, weights)
+        trainer = Trainer(tcfg, fns or [], train_ds, None, weights)
         if trainer.acc.num_processes > 1:
             raise ValueError("pg-lm variance runs in one process (launch it without accelerate launch / torchrun)")
         rewards: list[float] = []
@@ -182,7 +211,8 @@ def run_variance(cfg: VarianceConfig, progress=None, reward_fns=None, train_data
         results = measure(draw, lambda b, n: policy_gradients(trainer, b, n), names, cfg.batches, cfg.reference,
                           cfg.reference_batches, progress)
         n_params = sum(p.numel() for p in policy_params(trainer))
-    meta = {"backend": "lm", "model": cfg.model, "adapter": cfg.adapter, "task": None if cfg.dataset else cfg.task,
+    meta = {"backend": "lm", "model": cfg.model, "adapter": cfg.adapter, "env": cfg.env,
+            "task": None if cfg.dataset or cfg.env else cfg.task, "max_turns": cfg.max_turns if cfg.env else None,
             "dataset": cfg.dataset, "batches": cfg.batches, "reference": cfg.reference,
             "reference_batches": cfg.reference_batches, "prompts_per_step": cfg.prompts_per_step,
             "samples_per_prompt": cfg.samples_per_prompt, "max_new_tokens": cfg.max_new_tokens,
