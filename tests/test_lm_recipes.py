@@ -14,10 +14,11 @@ import pytest
 from lm_fixtures import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["arithmetic", "custom_reward"]
+RECIPES = ["arithmetic", "custom_reward", "guess_number"]
 METRIC_KEYS = {"reward/mean", "loss/policy", "completion/length", "perf/tokens_per_s"}
 SUMMARY_KEYS = {"eval/reward_before", "eval/reward_after", "wall_s", "train/steps"}
-EXTRA_METRICS = {"arithmetic": {"reward/exact_match"}, "custom_reward": {"reward/mentions_keyword", "reward/brevity"}}
+EXTRA_METRICS = {"arithmetic": {"reward/exact_match"}, "custom_reward": {"reward/mentions_keyword", "reward/brevity"},
+                 "guess_number": {"episode/turns", "perf/env_s"}}
 
 
 @pytest.mark.parametrize("cpu_layer", ["auto", "off"])  # off: the plain path, what a GPU runs

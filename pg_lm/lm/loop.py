@@ -19,9 +19,13 @@ from .peers import PeerWatch
 
 
 def brief(metrics: dict) -> str:
-    """``reward 0.500, accuracy 0.250, pass@4 0.750, ...`` for the console."""
-    show = [k for k in metrics if k in ("eval/reward", "eval/accuracy", "eval/truncated_frac") or "pass@" in k]
-    return ", ".join(f"{k[5:]} {metrics[k]:.3f}" for k in show)
+    """``reward 0.500, accuracy 0.250, pass@4 0.750, ...`` for the console; an environment's evaluation
+    (it has ``eval/turns``) as ``success 0.250, return 0.500, turns 3.100, ...``."""
+    names = {"eval/accuracy": "success", "eval/reward": "return"} if "eval/turns" in metrics else {}
+    show = [k for k in metrics if k in ("eval/reward", "eval/accuracy", "eval/truncated_frac", "eval/turns")
+            or "pass@" in k]
+    show.sort(key=lambda k: k != "eval/accuracy" if names else 0)
+    return ", ".join(f"{names.get(k, k[5:])} {metrics[k]:.3f}" for k in show)
 
 
 def train(tr) -> dict:
