@@ -27,12 +27,17 @@ one row per baseline of ``pg_lm.lm.variance.ESTIMATORS``:
   decodes a greedy row per prompt, so it is measured in a run of its own (with ``none`` and ``loo`` on
   its samples as anchors).
 
-Outputs in ``--output-dir``: ``gym.json`` / ``lm.json`` (every run, curve and variance result),
+**Episodes of many turns** (``--part turns``; ``benchmarks/pg_table_turns.py``): episode-level,
+per-turn and GAE credit on guess-the-number, every seed of ``--turn-seeds`` for ``--turn-steps`` steps,
+with the gradient variance of each credit mode at the initial model and a trained checkpoint.
+
+Outputs in ``--output-dir``: ``gym.json`` / ``lm.json`` / ``turns.json`` (every run, curve and variance result),
 ``table.md`` (BENCHMARKS.md section 10) and its short form ``table_summary.md``, made from whichever JSONs are
 there (``--part render`` remakes them). Run on an idle machine.
 
     python benchmarks/pg_table.py --part gym --output-dir runs/table
     python benchmarks/pg_table.py --part lm --output-dir runs/table
+    python benchmarks/pg_table.py --part turns --output-dir runs/table
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import load1, machine_info, write_json  # noqa: E402
+from pg_table_turns import TURN_ROWS, render_turns, turns_part  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,6 +287,7 @@ def render(out: Path) -> str:
             parts.append(f"| {method} (`{row}`) | {baseline} | {accuracy(r)} | {_num(r.get('truncated_after'), '.0%')} "
                          f"| {lm_points(var, row, 'snr_debiased', '.2f')} | {lm_points(var, row, 'variance', '.3g')} |")
         parts.append("")
+    parts += render_turns(out)
     return _write(out / "table.md", parts)
 
 
@@ -322,7 +329,7 @@ def render_summary(out: Path) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("gym", "lm", "all", "render"), default="all")
+    p.add_argument("--part", choices=("gym", "lm", "turns", "all", "render"), default="all")
     p.add_argument("--output-dir", default="runs/table")
     p.add_argument("--envs", nargs="+", choices=tuple(TARGET), default=list(TARGET))
     p.add_argument("--gym-rows", nargs="+", choices=tuple(GYM_ROWS), default=list(GYM_ROWS))
@@ -335,6 +342,10 @@ def parse_args(argv=None):
     p.add_argument("--lm-batches", type=int, default=32, help="LM: K batches per variance measurement")
     p.add_argument("--lm-reference-batches", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="LM: the seed of every run")
+    p.add_argument("--turn-rows", nargs="+", choices=tuple(TURN_ROWS), default=list(TURN_ROWS))
+    p.add_argument("--turn-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--turn-steps", type=int, default=40, help="turns: training steps per run")
+    p.add_argument("--turn-batches", type=int, default=16, help="turns: K batches per variance measurement")
     args = p.parse_args(argv)
     if len(args.seeds) < 1 or args.var_batches < 2 or args.lm_batches < 2:
         p.error("--seeds needs one seed and --var-batches / --lm-batches at least 2")
@@ -349,6 +360,8 @@ def main(argv=None) -> int:
         gym_part(args, out)
     if args.part in ("lm", "all"):
         lm_part(args, out)
+    if args.part in ("turns", "all"):
+        turns_part(args, out)
     print(render(out))
     render_summary(out)
     print(f"(in short: {out / 'table_summary.md'})")

@@ -81,3 +81,29 @@ def test_table_from_the_measured_json(tmp_path):
     assert "| REINFORCE | none (raw returns) | 50,000 (5.0 s) | 0.50 / 0.50 / — |" in summary
     assert "| PPO | V(s), GAE, clipped ratio | 1/3 seeds within 100k | 1.25 / 1.25 / — |" in summary
     assert "| ReMax | greedy completion's reward | 0.01 -> **0.70** (60) | 0.60 / — | 0.05 / — |" in summary
+
+
+@pytest.mark.parametrize("row", list(pg_table.TURN_ROWS))
+def test_each_turn_row_trains_with_its_credit_modes_flags(row):
+    """A multi-turn row's recipe flags give the trainer settings pg-lm variance measures under its name."""
+    from pg_lm.lm.config import LMConfig
+    from pg_lm.lm.variance import ESTIMATORS
+    from pg_lm.run import parse_config
+
+    cfg = parse_config(LMConfig, ["--env", "guess", *pg_table.TURN_ROWS[row][2]])
+    e = ESTIMATORS[row]
+    assert (cfg.credit, cfg.turn_baseline, cfg.baseline) == (e.credit, e.turn_baseline, e.baseline)
+
+
+def test_turns_table_from_the_measured_json(tmp_path):
+    runs = lambda *after: [dict(seed=k, success_before=0.0, success_after=a, return_after=a, steps=40)
+                           for k, a in enumerate(after)]
+    turns = dict(steps=40, seeds=[0, 1, 2], var_batches=16,
+                 rows={"episode": runs(0.1, 0.3, 0.2), "turn": runs(0.5, 0.0, 0.4)},
+                 variance=dict(initial=_variance({"episode": (2.0, 0.25), "turn": (1.0, 0.5)})))
+    (tmp_path / "turns.json").write_text(json.dumps(turns))
+    lines = pg_table.render(tmp_path).splitlines()
+    assert "| 0.00 -> **0.20** (0.10, 0.30, 0.20) | 0.20 | 0.25 / — | 2 / — |" in next(
+        line for line in lines if "(`episode`)" in line)
+    assert "| 0.00 -> **0.40** (0.50, 0.00, 0.40) | 0.40 | 0.50 / — | 1 / — |" in next(
+        line for line in lines if "(`turn`)" in line)
