@@ -39,6 +39,27 @@ def test_the_table_summarises_gains_and_collapses():
     table = rd.render(rows)
     assert "| rounding | +0.20 / -0.10 / 1of3 | +0.10 / +0.10 / 0of1 |" in table
     assert "| sorting | +0.50 / +0.50 / 0of1 |  |" in table
-    assert "| defaults | 4 | -0.100 | -0.100 | +0.250 | 1 |" in table
-    assert "| entropy | 1 | +0.100 | +0.100 | +0.100 | 0 |" in table
+    # defaults' per-task worst: rounding -0.1, sorting 0.5 -> mean 0.2
+    assert "| defaults | 4 | -0.100 | -0.100 | +0.200 | +0.250 | 1 |" in table
+    assert "| entropy | 1 | +0.100 | +0.100 | +0.100 | +0.100 | 0 |" in table
+    assert "chosen by the rule (settings with every run done): defaults" in table  # entropy lacks runs
     assert rd.quantile([5, 1, 3, 2, 4], 0.1) == 1 and rd.quantile([5, 1, 3, 2, 4], 0.5) == 3
+
+
+def test_the_rule_takes_the_best_worst_case_then_the_per_task_worst_then_fewer_collapses():
+    def runs(setting, gains, collapsed=()):
+        return [{"task": t, "setting": setting, "seed": k, "gain": g,
+                 "learning": "collapsed" if (t, k) in collapsed else "learning"}
+                for (t, k), g in zip([("a", 0), ("a", 1), ("b", 0), ("b", 1)], gains)]
+
+    best_mean = runs("defaults", [0.9, 0.9, 0.0, 0.0])  # the best mean, and a task it never learns
+    steady = runs("entropy", [0.3, 0.2, 0.1, 0.1])  # lower mean, better worst case
+    assert rd.choose(best_mean + steady) == "entropy"
+    # a task every setting fails (worst 0 for both): the per-task worst decides
+    tie = runs("lower-lr", [0.95, 0.92, 0.0, 0.0])
+    assert rd.choose(best_mean + tie) == "lower-lr"
+    # equal on both: fewer collapsed runs
+    calm = runs("dr-grpo", [0.9, 0.9, 0.0, 0.0])
+    assert rd.choose(runs("defaults", [0.9, 0.9, 0.0, 0.0], {("b", 0), ("b", 1)}) + calm) == "dr-grpo"
+    # a setting missing a run cannot be chosen
+    assert rd.choose(best_mean + steady[:3]) == "defaults"
