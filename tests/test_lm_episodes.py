@@ -189,20 +189,23 @@ def test_a_training_step_on_an_environment_moves_the_policy_and_credits_actions_
         assert tr.cfg.env.startswith("python:") and tr.cfg.uses_value_head == (credit == "gae")
 
 
-def test_cli_trains_on_a_users_environment_file(tiny_lm_dir, tmp_path):
-    import json
-
-    from pg_lm.cli import main
-
-    env_file = tmp_path / "my_env.py"
-    env_file.write_text(
-        "class Echo:\n"
+# a user's environment file: two turns, reward 1 for an action holding an "a"
+ECHO = ("class Echo:\n"
         "    def reset(self, *, seed, row=None):\n"
         "        self.n = 0\n"
         "        return 'say a'\n"
         "    def step(self, action):\n"
         "        self.n += 1\n"
         "        return 'again', float('a' in action), self.n >= 2, False, {}\n")
+
+
+def test_cli_trains_on_a_users_environment_file(tiny_lm_dir, tmp_path):
+    import json
+
+    from pg_lm.cli import main
+
+    env_file = tmp_path / "my_env.py"
+    env_file.write_text(ECHO)
     out = tmp_path / "run"
     code = main(["lm", "--model", tiny_lm_dir, "--env", f"{env_file}:Echo", "--output-dir", str(out), "--max-steps", "2",
                  "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--max-turns", "3",
@@ -299,16 +302,8 @@ def test_pg_lm_eval_plays_held_out_episodes(tiny_lm_dir, tmp_path):
 
     from pg_lm.cli import main
 
-    (tmp_path / "my_env.py").write_text(
-        "class Echo:\n"
-        "    def reset(self, *, seed, row=None):\n"
-        "        self.n = 0\n"
-        "        return 'say a'\n"
-        "    def step(self, action):\n"
-        "        self.n += 1\n"
-        "        return 'again', float('a' in action), self.n >= 2, False, {}\n"
-        "def bonus(prompts, completions, episode):\n"
-        "    return [10.0 for _ in episode]\n")
+    (tmp_path / "my_env.py").write_text(ECHO + "def bonus(prompts, completions, episode):\n"
+                                               "    return [10.0 for _ in episode]\n")
     out = tmp_path / "eval"
     args = ["eval", "--model", tiny_lm_dir, "--env", f"{tmp_path / 'my_env.py'}:Echo", "--eval-size", "3",
             "--eval-samples", "2", "--max-turns", "3", "--eval-max-new-tokens", "4", "--output-dir", str(out)]
