@@ -43,15 +43,18 @@ def turns_part(args, out: Path) -> dict:
     for seed in args.turn_seeds:
         for row in args.turn_rows:
             run_dir = out / "turns" / f"run-{row}-{seed}"
-            subprocess.run([sys.executable, "recipes/guess_number.py", "--max-steps", str(args.turn_steps),
-                            "--max-seconds", "None", "--seed", str(seed), "--progress", "false",
-                            "--output-dir", str(run_dir), *TURN_ROWS[row][2]], check=True, cwd=ROOT)
+            if not (run_dir / "summary.json").is_file():  # a run already made is read, not made again
+                subprocess.run([sys.executable, "recipes/guess_number.py", "--max-steps", str(args.turn_steps),
+                                "--max-seconds", "None", "--seed", str(seed), "--progress", "false",
+                                "--output-dir", str(run_dir), *TURN_ROWS[row][2]], check=True, cwd=ROOT)
             s = json.loads((run_dir / "summary.json").read_text())
-            result["rows"][row].append(dict(seed=seed, success_before=s["eval/accuracy_before"],
+            before = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                          if '"eval/accuracy"' in line)  # the evaluation at step 0
+            result["rows"][row].append(dict(seed=seed, success_before=before["eval/accuracy"],
                                             success_after=s["eval/accuracy_after"], return_before=s["eval/reward_before"],
                                             return_after=s["eval/reward_after"], turns_after=s.get("eval/turns_after"),
                                             steps=s["train/steps"], wall_s=s["wall_s"]))
-            print(f"turns {row} seed {seed}: success {s['eval/accuracy_before']:.2f} -> "
+            print(f"turns {row} seed {seed}: success {before['eval/accuracy']:.2f} -> "
                   f"{s['eval/accuracy_after']:.2f}", flush=True)
             write_json(out / "turns.json", result)
     trained = out / "turns" / f"run-turn-{args.turn_seeds[0]}"
