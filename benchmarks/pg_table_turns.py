@@ -24,15 +24,22 @@ from pathlib import Path
 from _common import load1, machine_info, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+# the discount between turns of the per-turn rows. With γ = 1 and one reward at the winning turn, every
+# turn's return-to-go is the episode's return and per-turn credit equals the episode's (tested in
+# tests/test_core_turns.py): γ < 1 is what makes a turn nearer the win worth more than one further away
+TURN_GAMMA = "0.8"
 # row -> (the textbook's method, its credit, the recipe's flags); each over RLOO's leave-one-out baseline
 TURN_ROWS = {
     "episode": ("RLOO on the episode's return", "the episode's return on every action", ["--credit", "episode"]),
-    "turn": ("REINFORCE, per-turn return-to-go", "each turn's return-to-go", ["--credit", "turn"]),
+    "turn": ("REINFORCE, per-turn return-to-go", f"its turn's return-to-go (γ_turn {TURN_GAMMA})",
+             ["--credit", "turn", "--turn-gamma", TURN_GAMMA]),
     "turn_index": ("... baseline per turn index", "... minus the mean at the same turn index",
-                   ["--credit", "turn", "--turn-baseline", "turn_index"]),
-    "turn_gae": ("A2C over turns", "GAE over action tokens, value head", ["--credit", "gae"]),
+                   ["--credit", "turn", "--turn-gamma", TURN_GAMMA, "--turn-baseline", "turn_index"]),
+    "turn_gae": ("A2C over turns", f"GAE over action tokens, value head (γ_turn {TURN_GAMMA}, λ 0.95)",
+                 ["--credit", "gae", "--turn-gamma", TURN_GAMMA]),
 }
-VARIANCE_FLAGS = ["--env", "guess", "--max-turns", "4", "--max-new-tokens", "8"]  # the recipe's episodes
+# the recipe's episodes, the rows' discount between turns
+VARIANCE_FLAGS = ["--env", "guess", "--max-turns", "4", "--max-new-tokens", "8", "--turn-gamma", TURN_GAMMA]
 
 
 def turns_part(args, out: Path) -> dict:

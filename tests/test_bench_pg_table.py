@@ -93,6 +93,8 @@ def test_each_turn_row_trains_with_its_credit_modes_flags(row):
     cfg = parse_config(LMConfig, ["--env", "guess", *pg_table.TURN_ROWS[row][2]])
     e = ESTIMATORS[row]
     assert (cfg.credit, cfg.turn_baseline, cfg.baseline) == (e.credit, e.turn_baseline, e.baseline)
+    variance = parse_config(LMConfig, sys.modules["pg_table_turns"].VARIANCE_FLAGS)  # measured at the rows' discount
+    assert cfg.turn_gamma == (variance.turn_gamma if row != "episode" else 1.0)
 
 
 def test_turns_table_from_the_measured_json(tmp_path):

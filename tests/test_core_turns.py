@@ -123,3 +123,22 @@ def test_shapes_are_checked():
         turn_gae(r, v, m, e, boot[:2], 1.0, 1.0, 0.9)
     with pytest.raises(ValueError, match="values has shape"):
         turn_gae(r, v[:, :3], m, e, boot, 1.0, 1.0, 0.9)
+
+
+def test_per_turn_credit_undiscounted_with_one_final_reward_is_the_episodes():
+    """With γ_turn = 1 and a reward only on the last turn (guess-the-number), every turn's return-to-go
+    is the episode's return, and the per-turn advantage over the episodes' leave-one-out baseline
+    is the episode-level RLOO advantage; a discount makes them differ (the turns nearer the end
+    get more)."""
+    from pg_lm.lm.estimate import episode_advantages
+
+    rewards, _, mask, end, _ = random_episodes(B=6, T=17, seed=3)
+    last = end & (end.long().flip(1).cumsum(1).flip(1) == 1)  # (B, T) each row's last turn end
+    rewards = torch.where(last, rewards, 0.0).float()
+    truncated = torch.zeros(6, dtype=torch.bool)
+    args = (rewards, mask, end, None, truncated, 3, 1.0, 0.95)
+    ep, _ = episode_advantages("episode", "loo", *args, 1.0, "episode")
+    turn, _ = episode_advantages("turn", "loo", *args, 1.0, "episode")
+    torch.testing.assert_close(turn, ep)
+    discounted, _ = episode_advantages("turn", "loo", *args, 0.8, "episode")
+    assert not torch.allclose(discounted, ep)
