@@ -54,7 +54,7 @@ def _run(tr) -> dict:
     summary = dict(st.summary)
     if tr.evaluates and "eval/reward_before" not in summary:
         before = tr.evaluate()
-        summary["eval/reward_before"] = before["eval/reward"]
+        summary.update({f"{k}_before": v for k, v in before.items()})  # eval/reward_before, eval/accuracy_before, ...
         tr.writer.log(before, step=st.step)
         acc.print(f"eval before training: {brief(before)}")
     bar = tqdm(total=cfg.max_steps, initial=st.step, disable=not (cfg.progress and acc.is_main_process),
