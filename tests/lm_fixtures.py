@@ -47,25 +47,27 @@ def make_tokenizer(chat_template: bool = True):
     return tok
 
 
-def _llama_config(tok, **kw):
+def _llama_config(tok, hidden: int = 32, heads: int = 4, **kw):
     from transformers import LlamaConfig
 
+    kw = {"tie_word_embeddings": False, **kw}
     return LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, **kw,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
     )
 
 
-def make_tiny_lm(out_dir, seed: int = 0, chat_template: bool = True) -> Path:
-    """Save a random 2-layer Llama + char tokenizer to ``out_dir``; returns the folder."""
+def make_tiny_lm(out_dir, seed: int = 0, chat_template: bool = True, engine: bool = False) -> Path:
+    """Save a random 2-layer Llama + char tokenizer to ``out_dir``; returns the folder. ``engine``: the
+    shape vLLM's CPU backend accepts (head size 32, not 8) with tied embeddings, like SmolLM2."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     tok = make_tokenizer(chat_template)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_llama_config(tok))
+    shape = dict(hidden=64, heads=2, tie_word_embeddings=True) if engine else {}
+    model = LlamaForCausalLM(_llama_config(tok, **shape))
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(out_dir)

@@ -160,6 +160,19 @@ class LMConfig(PromptConfig):
                                   SAMPLER_CORRECTIONS)
     sampler_is_cap: float = arg(2.0, "the cap C of --sampler-correction (>= 1)")
     sampler_is_level: str = arg("token", "ρ per token, or per sequence (the product over its tokens)", ("token", "sequence"))
+    # the generator (docs/inference-engine.md)
+    generator: str = arg("hf", "what samples completions: transformers in this process, or a vLLM server (its own "
+                         "environment, make setup-vllm) given the learner's weights after every step", ("hf", "vllm"))
+    vllm_url: str | None = arg(None, "a running vLLM server to sample from (started as docs/inference-engine.md shows), "
+                               "instead of one pg_lm starts and stops")
+    vllm_python: str | None = arg(None, "the vLLM environment's python (None: $PG_LM_VLLM_PYTHON, else .venv-vllm/bin/python)")
+    vllm_dtype: str = arg("auto", "the server's weights: auto = the precision of the learner's forward",
+                          ("auto", "float32", "bfloat16", "float16"))
+    vllm_kv_cache_gb: int = arg(1, "GiB of KV cache the server keeps on a CPU (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_gpu_memory: float = arg(0.3, "share of the GPU's memory the server takes (the learner needs the rest)")
+    vllm_timeout: float = arg(300.0, "seconds to wait for the server to be ready")
+    vllm_sync_dir: str | None = arg(None, "folder the weights go to for the server each step (None: a temporary one, in "
+                                    "memory where /dev/shm exists); a server on another machine must read it at the same path")
     # the update (docs/trpo.md)
     update: str = arg("gradient", "how the policy moves on each rollout: AdamW steps on the loss, or TRPO's "
                       "constrained natural-gradient step (the critic, if any, still by AdamW)", UPDATES)
@@ -311,6 +324,10 @@ class LMConfig(PromptConfig):
             if given:
                 raise ValueError(f"--update trpo takes one natural-gradient step on the whole rollout: {given[0]} "
                                  "does not apply (see docs/trpo.md)")
+        if self.vllm_kv_cache_gb <= 0 or not self.vllm_timeout > 0 or not 0 < self.vllm_gpu_memory <= 1:
+            raise ValueError("--vllm-kv-cache-gb and --vllm-timeout must be > 0, --vllm-gpu-memory in (0, 1]")
+        if self.generator == "hf" and (self.vllm_url or self.vllm_python):
+            raise ValueError("--vllm-url / --vllm-python need --generator vllm")
         if not self.sampler_is_cap >= 1.0:
             raise ValueError(f"--sampler-is-cap must be >= 1 (agreeing paths then get weight 1), got {self.sampler_is_cap}")
 

@@ -145,7 +145,7 @@ def _act(lm, episodes: list[_Episode], eos: list[int], pad: int, max_new_tokens:
          cpu_layer: bool) -> list[tuple[list[int], list[float]]]:
     """One turn of every episode in ``episodes``: one batched generation over their whole contexts
     (left-padded); each action's tokens up to and including its EOS, and the sampler's log-probs."""
-    device = next(lm.parameters()).device
+    device = lm.device
     ctx = [e.prompt + e.ids for e in episodes]
     L = max(map(len, ctx))
     ids = torch.tensor([[pad] * (L - len(c)) + c for c in ctx], device=device)  # (N, L)
@@ -185,7 +185,7 @@ def run_episodes(lm, tok, make_env, seeds: list[int], rows: list, delta: Templat
             for (k, e), (ids, lp), text, res in zip(live, acted, texts, results):
                 _advance(e, ids, lp, text, check_step(e.env, res, k), delta, eos, turn == max_turns - 1,
                          max_new_tokens, max_episode_tokens)
-    return _record(episodes, tok, pad, group_size, next(lm.parameters()).device, env_s)
+    return _record(episodes, tok, pad, group_size, lm.device, env_s)
 
 
 def _advance(e: _Episode, ids: list[int], lp: list[float], text: str, res: tuple, delta: TemplateDelta,

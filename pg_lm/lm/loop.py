@@ -14,6 +14,7 @@ from pg_lm.run.signals import Interrupted, stop_on_signals
 
 from . import credit, monitor
 from .checkpoint import save_checkpoint
+from .engine import EngineError
 from .evaluate import truncation_warning
 from .peers import PeerWatch
 
@@ -44,6 +45,8 @@ def train(tr) -> dict:
     finally:
         if peers is not None:
             peers.close()
+        if tr.engine is not None:  # (also on errors: no server outlives its run)
+            tr.engine.close()
 
 
 def _run(tr) -> dict:
@@ -69,7 +72,12 @@ def _run(tr) -> dict:
             if out_of_time:
                 acc.print(f"stopping at step {st.step}: --max-seconds {cfg.max_seconds} reached")
                 break
-            stats = tr.train_step()
+            try:
+                stats = tr.train_step()
+            except EngineError as e:  # the sampler failed before this step changed anything: keep what is done
+                path = saved[1] if saved and saved[0] == st.step else save_checkpoint(tr, summary)
+                raise EngineError(f"{e}; the run's state at step {st.step} is saved in {path} (--resume continues "
+                                  "it)") from None
             verdict = _watch(tr, stats, summary)
             _after_step(tr, stats, bar, (time.perf_counter() - t_start) / (st.step - steps_at_start))
             if cfg.save_every and st.step % cfg.save_every == 0:
@@ -176,6 +184,8 @@ def end(tr) -> None:
     first (``tr.policy`` becomes the plain model); the group's destructor then waits for its
     workers. :func:`train` calls this at its end."""
     acc = tr.acc
+    if tr.engine is not None:
+        tr.engine.close()
     if acc.num_processes > 1:
         tr.policy = acc.unwrap_model(tr.policy)
         acc.free_memory()  # the accelerator's own references to the prepared model; collects garbage

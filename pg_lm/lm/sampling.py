@@ -160,6 +160,7 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
              top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False, logprobs: bool = False,
              greedy_extra: bool = False):
     """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids
+    (``lm`` a causal LM, or an inference engine standing in for it: :mod:`pg_lm.lm.engine`)
     (with ``logprobs``: and the (N * G, T) fp32 log-prob of each drawn token under the sampler's
     logits, ``log softmax(logits / temperature)`` before top-k / top-p, as the learner computes it).
 
@@ -173,8 +174,12 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     loop (N * (G + 1) rows; its draw is made and discarded, so the random stream is a function of
     the step alone).
     """
+    from .engine import VLLMEngine
     from .policy import kv_cache, positions
 
+    if isinstance(lm, VLLMEngine):  # --generator vllm: the same ids in, the same ids (and log-probs) out
+        return lm.generate(prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_ids, pad_id, greedy, temperature,
+                           top_p, top_k, cpu_layer, logprobs, greedy_extra)
     per = num_samples + int(greedy_extra)  # rows per prompt
     rows = prompt_ids.shape[0] * per
     argmax_rows = (torch.arange(rows, device=prompt_ids.device) % per == per - 1) if greedy_extra else None  # (B,)
@@ -241,7 +246,7 @@ def sample(
     log-probs (``Rollout.sampler_logp``); ``greedy_extra`` (ReMax): one more completion per prompt,
     decoded greedily, after its ``num_samples`` sampled ones (groups of G + 1 rows, the greedy one
     last; :func:`split_greedy` separates them)."""
-    device = next(lm.parameters()).device
+    device = lm.device
     ids, am = encode_prompts(tokenizer, prompts, chat_template, max_prompt_length, truncate_prompts, system_prompt)
     ids, am = ids.to(device), am.to(device)  # (N, P)
     eos = eos_token_ids(tokenizer, lm)

@@ -64,10 +64,11 @@ def train(cfg: LMConfig, reward_fns=None, train_dataset=None, eval_dataset=None,
 def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
     """Parse flags into an LMConfig, check the launch, apply the CPU layer's process settings when
     it runs, call ``fn(cfg)``; user errors become one line on stderr, exit 2; a run stopped by
-    non-finite values exits 1, one stopped by SIGINT / SIGTERM (after saving) 130 / 143."""
+    non-finite values or a failed inference engine exits 1, one stopped by SIGINT / SIGTERM (after saving) 130 / 143."""
     from pg_lm.run.signals import Interrupted
 
     from .cpu.process import apply_process_settings
+    from .engine import EngineError
     from .setup import plan
     from .health import NonFiniteError
 
@@ -80,7 +81,7 @@ def run_cli(argv: list[str] | None, prog: str, fn, **defaults) -> int:
     except (ValueError, RewardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

@@ -2,7 +2,7 @@
 
 REINFORCE-with-baseline and GAE/PPO differ only in ``estimate.advantages`` and in whether a value
 head exists; every other job has a file of its own (rollout, loss, update, trpo, dynamic, episodes,
-health, dist, loop, setup, checkpoint). Left out: sequence packing, inference engines, remote reward
+health, dist, loop, setup, checkpoint; an inference engine samples in ``engine``). Left out: sequence packing, remote reward
 models, off-policy corrections for stale rollouts (only the sampler-learner mismatch of the same
 weights is corrected: ``--sampler-correction``).
 """
@@ -23,6 +23,7 @@ from . import dynamic, episodes, estimate, health, loop, trpo, update
 from .config import LMConfig
 from .data import check_dataset, step_rows
 from .dist import Collective, sampling_lm
+from .engine import make_engine
 from .evaluate import evaluate
 from .health import NonFiniteError, QUANTITIES  # noqa: F401  (the step's errors, importable from here)
 from .loss import micro_loss
@@ -62,6 +63,8 @@ class Trainer:
         self.delta = episodes.check_template(self.tok, cfg.model, cfg.system_prompt) if self.make_env else None
         # every prompt over --max-prompt-length found now, not at the step that draws it
         self.train_ds, self.eval_ds = self._fit(train_dataset, "training"), self._fit(eval_dataset, "evaluation")
+        # --generator vllm: a server given the policy's weights (last: nothing after it can fail and leave it running)
+        self.engine = make_engine(cfg, self.acc, self.acc.unwrap_model(self.policy).lm, self.tok, self.state.step)
 
     def _fit(self, dataset, what: str):  # (--long-prompts)
         if dataset is None:
@@ -112,8 +115,13 @@ class Trainer:
             return self.forward(batch, grad=False)[0]
 
     def sampling_lm(self):
-        """(the causal LM to sample from, a function making the context to sample in): :func:`~pg_lm.lm.dist.sampling_lm`."""
-        return sampling_lm(self.acc, self.policy, self.sampler)
+        """(the causal LM to sample from, a function making the context to sample in): :func:`~pg_lm.lm.dist.sampling_lm`;
+        with ``--generator vllm`` the engine, given the policy's weights first when it does not hold this step's."""
+        lm, context = sampling_lm(self.acc, self.policy, self.sampler)
+        if self.engine is None:
+            return lm, context
+        self.engine.prepare(self.acc.unwrap_model(self.policy).lm, self.state.step, self.acc.wait_for_everyone)
+        return self.engine, nullcontext
 
     # ------------------------------------------------------------------ sample and score
     def _draw(self, prompts: list, cols: dict, lm, context) -> tuple[Rollout, dict]:
@@ -163,6 +171,8 @@ class Trainer:
                                                   cfg, self.coll, self.tok.pad_token_id, step, self.acc.print)
                 stats.update(more, **{"reward/trained_mean": batch.scores.mean()})
         stats["perf/gen_s"] = time.perf_counter() - t0
+        if self.engine is not None:
+            stats["perf/sync_s"] = self.engine.sync_s  # the weights' way to the server before this rollout
         mask = batch.completion_mask
         batch.ref_logp = self._ref_logp(batch)
         if cfg.reuses_rollout or cfg.uses_value_head or batch.ref_logp is not None:

@@ -1,0 +1,215 @@
+"""``--generator vllm``: a vLLM server (its own environment, ``make setup-vllm``) as the sampler.
+
+One server on a tiny tied-embedding Llama (head size 32: vLLM's CPU backend refuses 8) in fp32
+serves the module's engine tests: its token ids and log-probs against the learner's own forward,
+a weight sync (the tied head re-tied), the version check, greedy and seeded sampling. Two training
+runs start servers of their own: one whose server is killed mid-run (a one-line error, the state
+saved, no process left), then its resumption (the server holds the checkpoint's weights before the
+first rollout). Where the vLLM environment is missing every test here skips, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_fixtures import PROMPTS, make_tiny_lm, make_trainer, prompt_dataset, read_jsonl
+
+pytestmark = pytest.mark.xdist_group("vllm")  # one worker, one server at a time
+
+
+def _vllm_python():
+    from pg_lm.lm.engine.server import EngineError, find_python
+
+    if not Path("/proc/self").exists():
+        pytest.skip("the vLLM server is managed on Linux only")
+    try:
+        return find_python(None)
+    except EngineError as e:
+        pytest.skip(f"the vLLM environment is not installed here ({e})")
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("tied"), engine=True)
+
+
+@pytest.fixture(scope="module")
+def served(tied_dir, tmp_path_factory):
+    """(the engine, the learner's LM in fp32, its tokenizer), the server started from the LM's weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pg_lm.lm.engine import VLLMEngine
+    from pg_lm.lm.engine.server import Server
+
+    python = _vllm_python()
+    lm = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tied_dir)
+    engine = VLLMEngine(None, "float32").bind(lm)
+    folder = engine.write(lm, 0, tok)
+    engine.server = Server.start(python, str(folder), tmp_path_factory.mktemp("log") / "vllm.log", dtype="float32",
+                                 max_model_len=256, seed=0, kv_cache_gb=1, gpu_memory=0.3, timeout=300)
+    engine.server.call("/update_weight_version", {"new_version": "0"})
+    engine.folder, engine.version = folder, 0
+    yield engine, lm, tok
+    engine.close()
+
+
+def _learner_logp(lm, batch, temperature: float) -> torch.Tensor:
+    from pg_lm.lm.policy import Policy
+
+    with torch.no_grad():
+        logp = Policy(lm)(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                          temperature=temperature)[0]
+    return logp * batch.completion_mask
+
+
+def test_samples_token_ids_with_the_learners_log_probs(served):
+    from pg_lm.lm.sampling import sample
+
+    engine, lm, tok = served
+    torch.manual_seed(0)
+    batch = sample(engine, tok, PROMPTS, {}, num_samples=4, max_new_tokens=10, temperature=0.8, logprobs=True)
+    assert batch.completion_ids.shape[0] == len(PROMPTS) * 4
+    ended = batch.lengths < 10  # rows that stopped at EOS hold it as their last real token, then padding
+    assert ended.any()
+    for row, n in zip(batch.completion_ids[ended], batch.lengths[ended]):
+        assert row[n - 1] == tok.eos_token_id and (row[n:] == tok.pad_token_id).all()
+    assert len({tuple(r.tolist()) for r in batch.completion_ids}) > len(PROMPTS)  # the G samples of a prompt differ
+    gap = (_learner_logp(lm, batch, 0.8) - batch.sampler_logp).abs().max()
+    assert gap < 1e-4, gap  # fp32 on both sides, the temperature applied to both
+
+
+def test_weight_sync_reaches_a_tied_head(served):
+    """After the learner's weights change (the embedding, which the head shares, among them), the
+    server's log-probs follow them: they match the new weights and no longer the old ones."""
+    from pg_lm.lm.sampling import sample
+
+    engine, lm, tok = served
+    torch.manual_seed(1)
+    old = {k: v.clone() for k, v in lm.state_dict().items()}
+    try:
+        with torch.no_grad():
+            lm.model.embed_tokens.weight.mul_(2.0)
+            for p in lm.model.layers[0].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        seconds = engine.prepare(lm, 1)
+        assert seconds > 0 and engine.version == 1
+        batch = sample(engine, tok, PROMPTS, {}, num_samples=2, max_new_tokens=8, logprobs=True)
+        assert (_learner_logp(lm, batch, 1.0) - batch.sampler_logp).abs().max() < 1e-4
+        lm.load_state_dict(old)
+        assert (_learner_logp(lm, batch, 1.0) - batch.sampler_logp).abs().max() > 0.1  # the old weights' differ
+    finally:
+        lm.load_state_dict(old)
+        engine.prepare(lm, 2)
+
+
+def test_a_stale_server_is_refused(served):
+    from pg_lm.lm.engine import EngineError
+
+    engine, lm, _ = served
+    engine.prepare(lm, 3)
+    engine.prepare(lm, 3)  # the same version: nothing written
+    assert engine.sync_s == 0.0
+    with pytest.raises(EngineError, match="stale policy"):
+        engine.check(4)
+
+
+def test_greedy_and_seeded_sampling(served):
+    from pg_lm.lm.sampling import generate
+
+    engine, lm, tok = served
+    enc = tok(PROMPTS[:4], padding=True, return_tensors="pt")
+    eos, pad = [tok.eos_token_id], tok.pad_token_id
+    greedy = engine.generate(enc.input_ids, enc.attention_mask, 2, 6, eos, pad, greedy=True)
+    ours = generate(lm, enc.input_ids, enc.attention_mask, 2, 6, eos, pad, greedy=True)
+    assert torch.equal(greedy[:, :ours.shape[1]], ours)  # the argmax path of both: the same tokens
+    top1 = engine.generate(enc.input_ids, enc.attention_mask, 2, 6, eos, pad, top_k=1)
+    assert torch.equal(top1, greedy)
+    torch.manual_seed(5)
+    a = engine.generate(enc.input_ids, enc.attention_mask, 3, 6, eos, pad)
+    torch.manual_seed(5)
+    b = engine.generate(enc.input_ids, enc.attention_mask, 3, 6, eos, pad)
+    assert torch.equal(a, b)  # seeds drawn from torch's generator: a step's sampling repeats
+    remax = engine.generate(enc.input_ids, enc.attention_mask, 2, 6, eos, pad, greedy_extra=True)
+    assert remax.shape[0] == 4 * 3 and torch.equal(remax[2::3, :greedy.shape[1]], greedy[::2])
+
+
+def test_lora_weights_reach_the_server_merged():
+    """The weights written for the server are the LoRA-merged model's, the tied head left out."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from lm_fixtures import _llama_config, make_tokenizer
+    from pg_lm.lm.engine.weights import merged_weights
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(_llama_config(make_tokenizer(), hidden=64, heads=2, tie_word_embeddings=True))
+    lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in lm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ours = merged_weights(lm, torch.float32)
+    reference = {k: v for k, v in lm.merge_and_unload().state_dict().items() if k != "lm_head.weight"}
+    assert ours.keys() == reference.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], reference[k], rtol=0, atol=1e-6)
+
+
+def _group_gone(pgid: int, seconds: float = 10.0) -> bool:
+    """Whether no process of the group ``pgid`` is left (its members reaped within ``seconds``)."""
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(tied_dir, tmp_path):
+    """The server killed mid-run: the run stops with one line naming the saved state, nothing is left
+    running; resumed, the new server holds the checkpoint's weights before its first rollout."""
+    from pg_lm.lm.engine import EngineError
+
+    _vllm_python()
+    kw = dict(generator="vllm", max_steps=6, save_every=1, eval_size=0, max_new_tokens=6, lora_r=4, lr=1e-2)
+    tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), **kw)
+    server = tr.engine.server
+    step = tr.train_step
+
+    def train_step():  # the server dies during the third step's rollout
+        if tr.state.step == 2:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        return step()
+
+    tr.train_step = train_step
+    pgid = server.proc.pid
+    with pytest.raises(EngineError) as err:
+        tr.train()
+    message = str(err.value)
+    assert "\n" not in message and "saved in" in message and "step 2" in message, message
+    assert str(tmp_path / "checkpoint-last") in message  # (the resumed run below starts at step 2)
+    assert _group_gone(pgid)
+    assert not tr.engine.sync_dir.exists()
+
+    tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), resume=True, **{**kw, "max_steps": 3})
+    try:
+        assert tr.state.step == 2 and tr.engine.version == 2
+        assert tr.engine.server.call("/weight_info")["weight_version"] == "2"
+        batch, _ = tr.rollout()
+        lm = tr.acc.unwrap_model(tr.policy).lm
+        assert (_learner_logp(lm, batch, 1.0) - batch.sampler_logp).abs().max() < 1e-4
+        summary = tr.train()
+    finally:
+        tr.engine.close()
+    assert summary["train/steps"] == 3
+    sync = {r["step"]: r["perf/sync_s"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/sync_s" in r}
+    assert sync[1] == 0 and sync[2] > 0  # the first rollout's weights were the server's own; then one sync a step
