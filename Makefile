@@ -50,10 +50,12 @@ lint: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# the tests marked gpu (skipped without CUDA), then the step benchmark on the GPU
+# the tests marked gpu (skipped without CUDA; the vLLM generator's among them), then the step benchmark on the GPU
 test-gpu: $(STAMP)
+	$(MAKE) --no-print-directory setup-vllm || echo "note: the vLLM environment could not be installed; its tests skip"
 	$(PY) -m pytest -q -m gpu -rs
 	$(PY) benchmarks/gpu_step.py --output runs/bench/gpu_step.json
+	$(PY) benchmarks/gpu_step.py --generator vllm --output runs/bench/gpu_step_vllm.json
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]' $(TORCH)

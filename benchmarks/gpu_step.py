@@ -4,7 +4,8 @@ The embedded SmolLM2-135M-Instruct, the recipe's defaults (RLOO, 4 prompts x 8 s
 tokens, LoRA r16, ``--mixed-precision auto``: bf16 on a GPU with bf16), the plain path (the CPU
 layer is off on a GPU). After ``--warmup`` steps, ``--steps`` timed steps report:
 
-* median step time (sample + score + update) and its sampling / update parts;
+* median step time (sample + score + update) and its sampling / update parts (``--generator vllm``:
+  sampled by a vLLM server, and the weight sync before each rollout);
 * generation tokens/s: completion tokens / sampling time;
 * peak GPU memory allocated by torch over the timed steps;
 * MFU of the update: 6 x parameters x tokens through the model (prompt + completion tokens of the
@@ -53,13 +54,15 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--output", default=None)
+    p.add_argument("--generator", default="hf", choices=["hf", "vllm"], help="what samples (docs/inference-engine.md)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_step.py: no CUDA device here, nothing to measure")
         return 0
     from _lm_setup import build_pg_lm
 
-    trainer = build_pg_lm({"max_steps": args.warmup + args.steps + 1, "max_seconds": None}, tempfile.mkdtemp())
+    trainer = build_pg_lm({"max_steps": args.warmup + args.steps + 1, "max_seconds": None, "generator": args.generator},
+                          tempfile.mkdtemp())
     params = sum(p.numel() for p in trainer.acc.unwrap_model(trainer.policy).parameters())
     for _ in range(args.warmup):
         trainer.train_step()
@@ -72,6 +75,9 @@ def main(argv=None) -> int:
         rows.append(s)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30
     step_s, gen_s, train_s = (median(r[k] for r in rows) for k in ("perf/step_s", "perf/gen_s", "perf/train_s"))
+    sync_s = median(r.get("perf/sync_s", 0.0) for r in rows)
+    if trainer.engine is not None:
+        trainer.engine.close()
     cfg = trainer.cfg
     new_tokens = median(r["completion/length"] for r in rows) * cfg.prompts_per_step * cfg.samples_per_prompt
     # tokens through the model in the update: the rows trained, each its completion, and each group its
@@ -83,7 +89,8 @@ def main(argv=None) -> int:
     update_tokens = median(r["perf/trained_frac"] for r in rows) * (new_tokens + prompt_tokens)
     peak = bf16_peak()
     result = dict(benchmark="gpu_step", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), mixed_precision=trainer.acc.mixed_precision,
+                  date=time.strftime("%Y-%m-%d"), generator=args.generator, median_sync_s=sync_s,
+                  mixed_precision=trainer.acc.mixed_precision,
                   cpu_layer=trainer.cpu_layer, params=params, steps=args.steps, median_step_s=step_s,
                   median_gen_s=gen_s, median_train_s=train_s, generation_tokens_per_s=new_tokens / gen_s,
                   peak_memory_gb=peak_gb, bf16_matmul_tflops=peak / 1e12,

@@ -53,6 +53,7 @@ def served(tied_dir, tmp_path_factory):
     folder = engine.write(lm, 0, tok)
     engine.server = Server.start(python, str(folder), tmp_path_factory.mktemp("log") / "vllm.log", dtype="float32",
                                  max_model_len=256, seed=0, kv_cache_gb=1, gpu_memory=0.3, timeout=300)
+    assert engine.server.call("/collective_rpc", {"method": "pg_lm_hello"})["results"] == ["pg_lm"]
     engine.server.call("/update_weight_version", {"new_version": "0"})
     engine.folder, engine.version = folder, 0
     yield engine, lm, tok
@@ -213,3 +214,47 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(tied_dir, tmp_p
     assert summary["train/steps"] == 3
     sync = {r["step"]: r["perf/sync_s"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/sync_s" in r}
     assert sync[1] == 0 and sync[2] > 0  # the first rollout's weights were the server's own; then one sync a step
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                                        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_arithmetic_recipe_learns_sampled_by_vllm(device, tmp_path):
+    """The recipe on the embedded SmolLM2-135M-Instruct for 40 steps, every rollout sampled by vLLM."""
+    import json
+    import subprocess
+    import sys
+
+    _vllm_python()
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "recipes" / "arithmetic.py"), "--generator", "vllm", "--max-steps", "40",
+           "--max-seconds", "None", "--eval-size", "100", "--output-dir", str(tmp_path), "--progress", "false",
+           "--save-model", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=root,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train/steps"] == 40
+    assert summary["eval/accuracy_after"] >= summary["eval/accuracy_before"] + 0.2, summary
+
+
+@pytest.mark.slow
+@pytest.mark.two_process
+def test_two_ddp_processes_sample_from_one_synced_server(tied_dir, tmp_path):
+    """DDP on 2 CPU processes: the main process starts and syncs the server, both sample from it."""
+    import json
+    import subprocess
+    import sys
+
+    _vllm_python()
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "configs/accelerate/cpu_ddp.yaml"),
+           "-m", "pg_lm.cli", "lm", "--model", str(tied_dir), "--generator", "vllm", "--max-steps", "3", "--eval-size", "4",
+           "--lora-r", "0", "--lr", "1e-2", "--mixed-precision", "no", "--max-new-tokens", "6", "--output-dir", str(tmp_path),
+           "--progress", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["num_processes"] == 2
+    sync = {r["step"]: r["perf/sync_s"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/sync_s" in r}
+    assert sync[1] == 0 and sync[2] > 0 and sync[3] > 0

@@ -57,10 +57,10 @@ def make_engine(cfg, acc, lm, tok, version: int) -> VLLMEngine | None:
         else:
             server = Server(url)
             server.wait_ready(cfg.vllm_timeout)
-            ping = (server.call("/collective_rpc", {"method": "pg_lm_ping"}) or {}).get("results")
-            if ping != ["pg_lm"]:
-                raise EngineError(f"--vllm-url {url}: the server lacks pg_lm's weight-sync extension (start it as "
-                                  "docs/inference-engine.md shows)")
+        hello = (server.call("/collective_rpc", {"method": "pg_lm_hello"}) or {}).get("results")
+        if hello != ["pg_lm"]:
+            raise EngineError(f"the vLLM server at {url} lacks pg_lm's weight-sync extension (start it as "
+                              "docs/inference-engine.md shows)")
     url = broadcast_object_list([url])[0] if acc.num_processes > 1 else url
     engine.server = server if acc.is_main_process else Server(url)
     if cfg.vllm_url is None:  # started from these weights: they are the version's (on every process)

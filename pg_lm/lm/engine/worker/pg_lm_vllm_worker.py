@@ -14,8 +14,23 @@ import torch
 
 
 class WeightSync:
-    def pg_lm_ping(self) -> str:
-        """The extension is loaded (the client checks this before it trusts a server it did not start)."""
+    def pg_lm_hello(self) -> str:
+        """The extension is loaded (the client checks this once, before the first rollout). On a CPU it
+        also stops the worker's busy-wait: after each message from the engine the worker spins for a
+        second on the shared-memory queue, on a core the learner needs for its update (sampling and
+        learning take turns). It now waits for the queue's notification instead, and re-reads the
+        queue every 5 ms in case a notification was dropped (vLLM's own recovery waits 5 s)."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            import gc
+
+            from vllm.distributed.device_communicators import shm_broadcast
+
+            shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = 5
+            for obj in gc.get_objects():
+                if isinstance(obj, shm_broadcast.SpinCondition) and obj.is_reader:
+                    obj.busy_loop_s = 0.0
         return "pg_lm"
 
     def pg_lm_reload(self, folder: str) -> dict:
