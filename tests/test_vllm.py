@@ -2,10 +2,11 @@
 
 One server on a tiny tied-embedding Llama (head size 32: vLLM's CPU backend refuses 8) in fp32
 serves the module's engine tests: its token ids and log-probs against the learner's own forward,
-a weight sync (the tied head re-tied), the version check, greedy and seeded sampling. Two training
-runs start servers of their own: one whose server is killed mid-run (a one-line error, the state
-saved, no process left), then its resumption (the server holds the checkpoint's weights before the
-first rollout). Where the vLLM environment is missing every test here skips, saying so.
+a weight sync (the tied head re-tied), the version check, greedy and seeded sampling, and the
+resumption of a run through ``--vllm-url`` (the checkpoint's weights synced before the first
+rollout). One training run starts a server of its own and has it killed mid-run (a one-line error,
+the state saved, no process left). Where the vLLM environment is missing every test here skips,
+saying so.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ def _vllm_python():
         pytest.skip(f"the vLLM environment is not installed here ({e})")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one server per test process, however its tests are ordered
 def tied_dir(tmp_path_factory) -> Path:
     return make_tiny_lm(tmp_path_factory.mktemp("tied"), engine=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one server per test process, however its tests are ordered
 def served(tied_dir, tmp_path_factory):
     """(the engine, the learner's LM in fp32, its tokenizer), the server started from the LM's weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -175,12 +176,12 @@ def _group_gone(pgid: int, seconds: float = 10.0) -> bool:
     return False
 
 
-def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(tied_dir, tmp_path):
+def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(served, tied_dir, tmp_path):
     """The server killed mid-run: the run stops with one line naming the saved state, nothing is left
-    running; resumed, the new server holds the checkpoint's weights before its first rollout."""
+    running; resumed against a running server (``--vllm-url``: the module's, holding other weights),
+    the server is given the checkpoint's weights before the first rollout."""
     from pg_lm.lm.engine import EngineError
 
-    _vllm_python()
     kw = dict(generator="vllm", max_steps=6, save_every=1, eval_size=0, max_new_tokens=6, lora_r=4, lr=1e-2)
     tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), **kw)
     server = tr.engine.server
@@ -201,17 +202,17 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(tied_dir, tmp_p
     assert _group_gone(pgid)
     assert not tr.engine.sync_dir.exists()
 
-    tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), resume=True, **{**kw, "max_steps": 3})
-    try:
-        assert tr.state.step == 2 and tr.engine.version == 2
-        assert tr.engine.server.call("/weight_info")["weight_version"] == "2"
-        batch, _ = tr.rollout()
-        lm = tr.acc.unwrap_model(tr.policy).lm
-        assert (_learner_logp(lm, batch, 1.0) - batch.sampler_logp).abs().max() < 1e-4
-        summary = tr.train()
-    finally:
-        tr.engine.close()
-    assert summary["train/steps"] == 3
+    url = served[0].server.url
+    tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), resume=True, vllm_url=url,
+                      **{**kw, "max_steps": 3})
+    assert tr.state.step == 2 and tr.engine.version is None  # not synced yet
+    batch, stats = tr.rollout()
+    assert stats["perf/sync_s"] > 0 and tr.engine.server.call("/weight_info")["weight_version"] == "2"
+    lm = tr.acc.unwrap_model(tr.policy).lm
+    assert (_learner_logp(lm, batch, 1.0) - batch.sampler_logp).abs().max() < 1e-4
+    summary = tr.train()
+    assert summary["train/steps"] == 3 and tr.engine.server.proc is None  # a server it did not start: left running
+    assert served[0].server.call("/health") is None
     sync = {r["step"]: r["perf/sync_s"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/sync_s" in r}
     assert sync[1] == 0 and sync[2] > 0  # the first rollout's weights were the server's own; then one sync a step
 

@@ -3,6 +3,7 @@ learner's weights synced to it and a weight version checked before every rollout
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -18,8 +19,15 @@ from .weights import write_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _shm_or_tmp() -> str | None:
-    return "/dev/shm" if Path("/dev/shm").is_dir() else None
+def _sync_root() -> Path:
+    """Where the weight folders go: memory (/dev/shm) where it exists. Folders left by a run that was
+    killed (its process id, in the name, no longer alive) are removed first: they hold whole models."""
+    root = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+    for old in root.glob("pg_lm_vllm_*_*"):
+        pid = old.name.split("_")[3]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return root
 
 
 class VLLMEngine:
@@ -30,7 +38,7 @@ class VLLMEngine:
     def __init__(self, server: Server, dtype: str, sync_dir: str | None = None, main: bool = True):
         self.server, self.dtype, self.main = server, dtype, main
         self.owns_dir = sync_dir is None
-        self.sync_dir = Path(sync_dir or tempfile.mkdtemp(prefix="pg_lm_vllm_", dir=_shm_or_tmp()))
+        self.sync_dir = Path(sync_dir or tempfile.mkdtemp(prefix=f"pg_lm_vllm_{os.getpid()}_", dir=_sync_root()))
         self.version, self.folder, self.sync_s = None, None, 0.0
         self.device, self.generation_config = torch.device("cpu"), None  # the learner's, where sampling puts its ids
 

@@ -29,7 +29,7 @@ class WeightSync:
 
             shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = 5
             for obj in gc.get_objects():
-                if isinstance(obj, shm_broadcast.SpinCondition) and obj.is_reader:
+                if type(obj) is shm_broadcast.SpinCondition and obj.is_reader:  # (type: a dead weak proxy raises)
                     obj.busy_loop_s = 0.0
         return "pg_lm"
 
