@@ -160,9 +160,9 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
              top_p: float = 1.0, top_k: int = 0, cpu_layer: bool = False, logprobs: bool = False,
              greedy_extra: bool = False):
     """Decode ``num_samples`` completions for each of N prompts -> (N * G, <= max_new_tokens) ids
-    (``lm`` a causal LM, or an inference engine standing in for it: :mod:`pg_lm.lm.engine`)
     (with ``logprobs``: and the (N * G, T) fp32 log-prob of each drawn token under the sampler's
     logits, ``log softmax(logits / temperature)`` before top-k / top-p, as the learner computes it).
+    ``lm``: a causal LM, or an inference engine in its place (:mod:`pg_lm.lm.engine`).
 
     Each prompt is encoded once by the model's forward; its KV cache is repeated for its G
     samples, and each step is one forward of the new tokens on that cache (device-agnostic: the
@@ -172,11 +172,9 @@ def generate(lm, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, max_
     preallocated cache (``cpu.decode_llama``); the same tokens. ``greedy_extra`` (ReMax): each
     prompt gets one more row after its ``num_samples`` sampled ones, decoded greedily in the same
     loop (N * (G + 1) rows; its draw is made and discarded, so the random stream is a function of
-    the step alone).
-    """
+    the step alone)."""
     from .engine import VLLMEngine
     from .policy import kv_cache, positions
-
     if isinstance(lm, VLLMEngine):  # --generator vllm: the same ids in, the same ids (and log-probs) out
         return lm.generate(prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_ids, pad_id, greedy, temperature,
                            top_p, top_k, cpu_layer, logprobs, greedy_extra)
