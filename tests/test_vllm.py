@@ -141,6 +141,20 @@ def test_greedy_and_seeded_sampling(served):
     assert remax.shape[0] == 4 * 3 and torch.equal(remax[2::3, :greedy.shape[1]], greedy[::2])
 
 
+def test_engine_flags_and_a_missing_environment_are_one_line_errors(tmp_path):
+    from pg_lm.lm import LMConfig
+    from pg_lm.lm.engine import EngineError
+    from pg_lm.lm.engine.server import find_python
+
+    with pytest.raises(ValueError, match="--vllm-url / --vllm-python need --generator vllm"):
+        LMConfig(vllm_url="http://localhost:8000")
+    with pytest.raises(ValueError, match="--vllm-kv-cache-gb"):
+        LMConfig(generator="vllm", vllm_kv_cache_gb=0)
+    with pytest.raises(EngineError, match="make setup-vllm") as err:
+        find_python(str(tmp_path / "no-such-python"))
+    assert "\n" not in str(err.value)
+
+
 def test_lora_weights_reach_the_server_merged():
     """The weights written for the server are the LoRA-merged model's, the tied head left out."""
     from peft import LoraConfig, get_peft_model
@@ -182,7 +196,8 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(served, tied_di
     the server is given the checkpoint's weights before the first rollout."""
     from pg_lm.lm.engine import EngineError
 
-    kw = dict(generator="vllm", max_steps=6, save_every=1, eval_size=0, max_new_tokens=6, lora_r=4, lr=1e-2)
+    kw = dict(generator="vllm", max_steps=6, save_every=1, eval_size=0, max_new_tokens=6, lora_r=4, lr=1e-2,
+              sampler_correction="tis", num_minibatches=2)
     tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), **kw)
     server = tr.engine.server
     step = tr.train_step
@@ -215,6 +230,8 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(served, tied_di
     assert served[0].server.call("/health") is None
     sync = {r["step"]: r["perf/sync_s"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/sync_s" in r}
     assert sync[1] == 0 and sync[2] > 0  # the first rollout's weights were the server's own; then one sync a step
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "sampler/is_weight" in r]
+    assert rows and all(r["sampler/logp_gap"] < 1e-3 for r in rows)  # corrected (tis) and logged; fp32 on both sides
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
