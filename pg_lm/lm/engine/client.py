@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .server import SERVED_NAME, EngineError, Server
+from .server import EXTENSION, SERVED_NAME, EngineError, Server
 from .weights import write_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,10 +23,11 @@ def _sync_root() -> Path:
     """Where the weight folders go: memory (/dev/shm) where it exists. Folders left by a run that was
     killed (its process id, in the name, no longer alive) are removed first: they hold whole models."""
     root = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
-    for old in root.glob("pg_lm_vllm_*_*"):
-        pid = old.name.split("_")[3]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
-            shutil.rmtree(old, ignore_errors=True)
+    if Path("/proc/self").exists():  # (where a process's liveness can be read)
+        for old in root.glob("pg_lm_vllm_*_*"):
+            pid = old.name.split("_")[3]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
     return root
 
 
@@ -51,8 +52,8 @@ class VLLMEngine:
     def write(self, lm, version: int, tokenizer=None) -> Path:
         """The learner's weights of ``version`` in a new folder (a reused path could be served from
         the engine's file cache: each version has its own)."""
-        stamp = time.strftime("%H%M%S") + f"-{time.perf_counter_ns() % 1_000_000:06d}"
-        return write_folder(lm, self.sync_dir / f"v{version:07d}-{stamp}", DTYPES[self.dtype], tokenizer)
+        folder = Path(tempfile.mkdtemp(prefix=f"v{version:07d}-", dir=self.sync_dir))  # (replaced when written)
+        return write_folder(lm, folder, DTYPES[self.dtype], tokenizer)
 
     def load(self, folder: Path, version: int) -> None:
         """Reload the server's weights from ``folder`` in place (a tied head re-tied), reset its prefix
@@ -61,7 +62,7 @@ class VLLMEngine:
         results = (reply or {}).get("results") or []
         if not results or not isinstance(results[0], dict) or "retied_heads" not in results[0]:
             raise EngineError(f"the vLLM server did not reload the weights (reply: {str(reply)[:200]}); "
-                              f"was it started with --worker-extension-cls {EXTENSION_HINT}?")
+                              f"was it started with --worker-extension-cls {EXTENSION} (docs/inference-engine.md)?")
         if not (self.server.call("/reset_prefix_cache", {}) or {}).get("success", False):
             raise EngineError("the vLLM server could not reset its prefix cache after a weight update")
         self.server.call("/update_weight_version", {"new_version": str(version)})
@@ -142,5 +143,3 @@ class VLLMEngine:
         elif self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-
-EXTENSION_HINT = "pg_lm_vllm_worker.WeightSync (docs/inference-engine.md)"
