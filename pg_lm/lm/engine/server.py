@@ -3,8 +3,8 @@
 vLLM pins its own torch and replaces ``torch.set_num_threads`` in the process that imports it, so
 it never runs inside pg_lm's interpreter: it runs from its own virtual environment (``make
 setup-vllm`` makes ``.venv-vllm``), as a separate process in a session of its own, which pg_lm
-stops at the end of the run, on errors and on signals (SIGTERM to its process group, then
-SIGKILL), and which the kernel stops if pg_lm dies first (``PR_SET_PDEATHSIG``).
+stops at the end of the run, on errors and on signals (SIGTERM, then SIGKILL to what is left of
+its process group), and which the kernel stops if pg_lm dies first (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -149,22 +149,26 @@ class Server:
         return json.loads(raw) if raw.strip() else None
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM to the server's process group (vLLM's engine and workers are its children), SIGKILL
-        after ``grace`` seconds. Does nothing for a server pg_lm did not start."""
+        """SIGTERM to the server, which stops vLLM's engine and workers (its children); after ``grace``
+        seconds, or when it died first, SIGKILL to what is left of its process group. Does nothing for a
+        server pg_lm did not start."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(wait)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        try:  # its engine and workers, also when the server itself was killed first
+            proc.terminate()  # the server alone: it stops its engine and workers, which free their shared memory
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 10.0  # the rest of its group (multiprocessing's resource tracker frees
+        while time.monotonic() < deadline:  # the shared memory last) may finish; what is still there is killed
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
