@@ -198,7 +198,7 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(served, tied_di
 
     kw = dict(generator="vllm", max_steps=6, save_every=1, eval_size=0, max_new_tokens=6, lora_r=4, lr=1e-2,
               sampler_correction="tis", num_minibatches=2)
-    shm_before = set(Path("/dev/shm").glob("*"))  # (empty where there is no /dev/shm)
+    shm_before = set(Path("/dev/shm").glob("psm_*"))  # vLLM's shared memory (none where there is no /dev/shm)
     tr = make_trainer(tied_dir, tmp_path, train_dataset=prompt_dataset(), **kw)
     server = tr.engine.server
     step = tr.train_step
@@ -216,7 +216,7 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(served, tied_di
     assert "\n" not in message and "saved in" in message and "step 2" in message, message
     assert str(tmp_path / "checkpoint-last") in message  # (the resumed run below starts at step 2)
     assert _group_gone(pgid)
-    for leaked in set(Path("/dev/shm").glob("*")) - shm_before:  # the shared memory the killed server could not free
+    for leaked in set(Path("/dev/shm").glob("psm_*")) - shm_before:  # what the killed server could not free
         if leaked.is_file():
             leaked.unlink(missing_ok=True)
     assert not tr.engine.sync_dir.exists()
