@@ -141,6 +141,32 @@ def test_greedy_and_seeded_sampling(served):
     assert remax.shape[0] == 4 * 3 and torch.equal(remax[2::3, :greedy.shape[1]], greedy[::2])
 
 
+def test_episodes_of_many_turns_sample_through_the_engine(served):
+    """Multi-turn episodes sampled by the server: its log-probs of every action token equal the learner's
+    on the whole conversation (observations in the context, off the action mask)."""
+    from pg_lm.lm import episodes as ep
+    from pg_lm.lm.policy import Policy
+
+    class Echo:  # three turns, each observation says which turn it was
+        def reset(self, *, seed, row=None):
+            self.k = 0
+            return f"start {seed}"
+
+        def step(self, action):
+            self.k += 1
+            return f"t{self.k}", 0.25, self.k >= 3, False, {}
+
+    engine, lm, tok = served
+    torch.manual_seed(2)
+    b = ep.run_episodes(engine, tok, Echo, [7, 8], [None, None], ep.check_template(tok, "tiny"), group_size=2,
+                        max_turns=5, max_new_tokens=6, max_episode_tokens=400)
+    assert b.completion_ids.shape[0] == 4 and (b.turn_end.sum(1) >= 1).all()
+    assert (b.completion_mask.sum(1) < b.attention.sum(1)).all()  # observations in the rows, off the action mask
+    with torch.no_grad():
+        logp = Policy(lm)(b.prompt_ids, b.prompt_mask, b.completion_ids, b.attention)[0]
+    assert ((logp - b.sampler_logp) * b.completion_mask).abs().max() < 1e-4
+
+
 def test_engine_flags_and_a_missing_environment_are_one_line_errors(tmp_path):
     from pg_lm.lm import LMConfig
     from pg_lm.lm.engine import EngineError
@@ -232,6 +258,9 @@ def test_a_killed_server_stops_the_run_saved_then_resume_resyncs(served, tied_di
     summary = tr.train()
     assert summary["train/steps"] == 3 and tr.engine.server.proc is None  # a server it did not start: left running
     assert served[0].server.call("/health") is None
+    engine, lm0, _ = served  # the shared server back on the fixture's weights, for the tests after this one
+    engine.version = None
+    engine.prepare(lm0, 10)
     sync = {r["step"]: r["perf/sync_s"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "perf/sync_s" in r}
     assert sync[1] == 0 and sync[2] > 0  # the first rollout's weights were the server's own; then one sync a step
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "sampler/is_weight" in r]
