@@ -68,14 +68,14 @@ def _run(tr) -> dict:
             signum, out_of_time = should_stop(tr)
             if signum:
                 bar.close()
-                interrupted(tr, signum, summary, saved[1] if saved and saved[0] == st.step else None)
+                interrupted(tr, signum, summary, _saved_now(saved, st.step))
             if out_of_time:
                 acc.print(f"stopping at step {st.step}: --max-seconds {cfg.max_seconds} reached")
                 break
             try:
                 stats = tr.train_step()
             except EngineError as e:  # the sampler failed before this step changed anything: keep what is done
-                path = saved[1] if saved and saved[0] == st.step else save_checkpoint(tr, summary)
+                path = _saved_now(saved, st.step) or save_checkpoint(tr, summary)
                 raise EngineError(f"{e}; the run's state at step {st.step} is saved in {path} (--resume continues "
                                   "it)") from None
             verdict = _watch(tr, stats, summary)
@@ -87,6 +87,11 @@ def _run(tr) -> dict:
                 break
     bar.close()
     return _finish(tr, summary, st.step - steps_at_start)
+
+
+def _saved_now(saved: tuple | None, step: int):
+    """The folder of the checkpoint this run saved at ``step`` (``saved``: its newest, (step, folder)), or None."""
+    return saved[1] if saved and saved[0] == step else None
 
 
 def _watch(tr, stats: dict, summary: dict) -> str | None:

@@ -63,11 +63,11 @@ def command(python: Path, model_dir: str, port: int, dtype: str, max_model_len: 
 
 def server_env(kv_cache_gb: int) -> dict:
     """The server's environment: dev endpoints on (weight reload, versions), offline, the KV cache size
-    set (on a CPU vLLM otherwise wants 90% of memory free), every core for its threads (sampling and
+    set (on a CPU vLLM otherwise wants 90% of memory free), every core this process may use for its threads (sampling and
     learning take turns, they do not overlap); the user's own VLLM_* settings win."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), "HF_HUB_OFFLINE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+           "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
     env = {**env, **os.environ}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(WORKER_DIR), os.environ.get("PYTHONPATH")) if p)
