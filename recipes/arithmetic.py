@@ -10,14 +10,16 @@ import sys
 
 from pg_lm.lm.train import run_cli, train
 
-# The recipe is LMConfig's defaults, which are what this recipe measured best: leave-one-out
-# baseline over 8 samples per prompt (RLOO), 16 new tokens (the evaluation's budget too), LoRA r16
-# at lr 2e-4 with cosine decay (full fine-tuning: --lora-r 0 --lr 2e-5); bf16 autocast (fp32 master
-# weights) where the hardware makes it faster. It adds only a time budget, over which the cosine
+# The settings this recipe measured best: leave-one-out baseline over 8 samples per prompt (RLOO),
+# 16 new tokens (the evaluation's budget too), LoRA r16 at lr 2e-4 with cosine decay (full
+# fine-tuning: --lora-r 0 --lr 2e-5); bf16 autocast (fp32 master weights) where the hardware makes
+# it faster; every group trained as sampled (LMConfig's default resamples groups without reward
+# spread, chosen over six tasks: BENCHMARKS.md section 12). A time budget, over which the cosine
 # decays, and its output folder (flags override them). Its results: BENCHMARKS.md section 11.
 DEFAULTS = dict(
     task="arithmetic",
     output_dir="runs/arithmetic",
+    dynamic_sampling=False,
     max_steps=400,
     max_seconds=640.0,
 )

@@ -332,7 +332,8 @@ def test_the_trainer_passes_its_progress_as_trainer_state(tiny_lm_dir, tmp_path)
         seen.append((trainer_state.global_step, trainer_state.max_steps))
         return [0.0] * len(completions)
 
-    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[by_progress], max_steps=3)
+    tr = make_trainer(tiny_lm_dir, tmp_path, reward_fns=[by_progress], max_steps=3,
+                      dynamic_sampling=False)  # one scoring per step
     tr.train_step()
     tr.train_step()
     assert seen == [(0, 3), (1, 3)]

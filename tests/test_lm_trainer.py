@@ -68,7 +68,7 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tiny_lm_dir, tmp_pat
     after, fracs = {}, {}
     for skip in (False, True):
         tr = make_trainer(tiny_lm_dir, tmp_path / str(skip), reward_fns=[first_group_constant], lr=1e-3,
-                          skip_zero_advantage=skip)
+                          skip_zero_advantage=skip, dynamic_sampling=False)
         stats = tr.train_step()
         assert stats["reward/std"] > 0
         after[skip], fracs[skip] = snapshot(unwrap(tr)), stats["perf/trained_frac"]
@@ -122,7 +122,8 @@ def test_lora_trains_the_adapter_only_and_saves_it_alone(tiny_lm_dir, tmp_path):
 @pytest.mark.parametrize("kl_in", ["loss", "reward"])
 def test_kl_is_zero_before_the_first_update(tiny_lm_dir, tmp_path, lora_r, kl_in):
     tr = make_trainer(tiny_lm_dir, tmp_path, kl_coef=0.1, kl_in=kl_in, kl_estimator="k3" if kl_in == "loss" else "k1",
-                      lora_r=lora_r, lr=3e-2, temperature=0.8)
+                      lora_r=lora_r, lr=3e-2, temperature=0.8,
+                      num_minibatches=1)  # one update on the rollout: its first KL is to the reference itself
     assert (tr.ref is None) == (lora_r > 0)
     first = tr.train_step()
     assert abs(first["kl/ref"]) < 1e-5
@@ -212,6 +213,17 @@ def test_config_normalises_off_values(tiny_lm_dir, tmp_path):
     assert make_config(tiny_lm_dir, tmp_path, max_grad_norm=0.0).max_grad_norm is None  # 0 = off, as in gym
     cfg = make_config(tiny_lm_dir, tmp_path, clip_low=0.2)
     assert cfg.clip_high == 0.2 and cfg.reuses_rollout is False and cfg.uses_value_head is False
+
+
+def test_dynamic_sampling_is_on_by_default_where_it_applies(tiny_lm_dir, tmp_path):
+    assert make_config(tiny_lm_dir, tmp_path).dynamic_sampling is True
+    assert make_config(tiny_lm_dir, tmp_path, samples_per_prompt=1, baseline="none").dynamic_sampling is False
+    assert make_config(tiny_lm_dir, tmp_path, env="guess").dynamic_sampling is False  # episodes: one group per game
+    assert make_config(tiny_lm_dir, tmp_path).with_env("guess").dynamic_sampling is False  # an env passed to train()
+    with pytest.raises(ValueError, match="--dynamic-sampling is not supported with episodes"):
+        make_config(tiny_lm_dir, tmp_path, env="guess", dynamic_sampling=True)  # given: kept, and refused
+    with pytest.raises(ValueError, match="--dynamic-sampling needs --samples-per-prompt >= 2"):
+        make_config(tiny_lm_dir, tmp_path, samples_per_prompt=1, baseline="none", dynamic_sampling=True)
 
 
 def test_reward_error_surfaces_from_a_training_step(tiny_lm_dir, tmp_path):

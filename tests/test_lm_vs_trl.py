@@ -72,7 +72,7 @@ def test_same_samples_same_advantages_and_gradient_as_trl(model, request, tmp_pa
     pg = make_trainer(model_dir, tmp_path / "pg", reward_fns=(reward,), train_dataset=prompt_dataset(prompts),
                       prompts_per_step=N, samples_per_prompt=G, max_new_tokens=MAX_NEW, lr=LR,
                       estimator="reinforce", baseline="group_mean", scale_rewards=True, loss_agg="token-mean",
-                      kl_coef=0.0, max_grad_norm=CLIP, weight_decay=0.0, ppo_epochs=1, num_minibatches=1,
+                      kl_coef=0.0, max_grad_norm=CLIP, weight_decay=0.0, ppo_epochs=1, num_minibatches=1, dynamic_sampling=False,
                       skip_zero_advantage=skip_zero_advantage, temperature=1.0, chat_template=True,
                       max_steps=STEPS)
     pg_grads, pg_adv, order, completions, prompt_rows = [], [], [], [], []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pg_lm.core import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, SAMPLER_CORRECTIONS
@@ -110,7 +111,7 @@ class LMConfig(PromptConfig):
     output_dir: str = arg("runs/lm", "where config, metrics, samples, summary, plot and checkpoints go")
     seed: int = arg(0, "random seed (prompt order, sampling, initialisation)")
     # sampling
-    max_steps: int = arg(200, "optimizer steps (each: sample, score, update)")
+    max_steps: int = arg(200, "training steps (each: sample, score, update on --num-minibatches minibatches)")
     max_seconds: float | None = arg(None, "stop training after this many seconds (final evaluation still runs)")
     prompts_per_step: int = arg(4, "prompts per step per process")
     # 8 samples and 16 tokens: the arithmetic recipe's measured best (BENCHMARKS.md section 11); more samples
@@ -150,8 +151,11 @@ class LMConfig(PromptConfig):
     skip_zero_advantage: bool = arg(True, "leave rows whose advantage is 0 on every token out of the backward "
                                     "pass when they cannot change the gradient (no value loss, entropy or KL loss)")
     loss_agg: str = arg("token-mean", "how per-token losses reduce to a scalar", AGG_MODES)
-    dynamic_sampling: bool = arg(False, "DAPO: groups whose rewards all agree are dropped and more prompts sampled until "
-                                 "the step holds --prompts-per-step informative groups (needs --samples-per-prompt >= 2)")
+    # on: the best worst case of held-out gain over six tasks x three seeds, by robust_defaults.py's rule
+    # (benchmarks/, BENCHMARKS.md section 12)
+    dynamic_sampling: bool = arg(True, "DAPO: groups whose rewards all agree are dropped and more prompts sampled until "
+                                 "the step holds --prompts-per-step informative groups (needs --samples-per-prompt >= 2; "
+                                 "left unset, off with --env or one sample per prompt)")
     max_sampling_rounds: int = arg(3, "dynamic sampling: extra sampling rounds per step at most; when reached, a warning, "
                                    "and the batch is filled up with zero-spread groups")
     sampler_correction: str = arg("none", "correct for the sampler's log-probs differing from the learner's (bf16 "
@@ -232,12 +236,20 @@ class LMConfig(PromptConfig):
         if self.loss_type is not None:
             apply_preset(self)
         super().__post_init__()
-        if self.clip_high is None and self.clip_low is not None:
-            self.clip_high = self.clip_low
+        self._fit_loop_defaults()
         self._check_numbers()
         self._check_estimator()
         self._check_batches_and_outputs()
         self._check_update()
+
+    def _fit_loop_defaults(self) -> None:
+        """Dynamic sampling, on by default (BENCHMARKS.md section 12), stays off where it is not given and
+        cannot apply: episodes of many turns, and groups of one sample. A clip given below only is
+        symmetric, as in PPO."""
+        if "dynamic_sampling" not in getattr(self, "_explicit", ()) | self.preset_fields({"loss_type": self.loss_type}):
+            self.dynamic_sampling = self.dynamic_sampling and self.env is None and self.samples_per_prompt >= 2
+        if self.clip_high is None and self.clip_low is not None:
+            self.clip_high = self.clip_low
 
     def _check_numbers(self) -> None:
         """Each number in its range on its own; ``--max-grad-norm 0`` becomes None (off)."""
@@ -330,6 +342,11 @@ class LMConfig(PromptConfig):
             raise ValueError("--vllm-url / --vllm-python need --generator vllm")
         if not self.sampler_is_cap >= 1.0:
             raise ValueError(f"--sampler-is-cap must be >= 1 (agreeing paths then get weight 1), got {self.sampler_is_cap}")
+
+    def with_env(self, name: str) -> "LMConfig":
+        """This config for episodes of the environment ``name``, as if ``--env`` had been given with it."""
+        fit = {} if "dynamic_sampling" in self._explicit else {"dynamic_sampling": False}
+        return dataclasses.replace(self, env=name, **fit)
 
     @staticmethod
     def preset_fields(given: dict) -> set[str]:

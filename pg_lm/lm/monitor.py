@@ -15,8 +15,10 @@ from __future__ import annotations
 # a step has no learning signal when at least this fraction of its groups has no reward spread
 NO_SIGNAL_FRAC = 0.95
 
-HELP = ("what usually helps: a higher --temperature, an entropy bonus (--entropy-coef 0.001), clip-higher "
-        "(--clip-high 0.28), a lower --lr, --dynamic-sampling, or a denser reward (partial credit on the way)")
+# in the order of pg_lm's measurements over six tasks x three seeds (BENCHMARKS.md section 12)
+HELP = ("what usually helps: dynamic sampling (--dynamic-sampling true, more --max-sampling-rounds), clip-higher on "
+        "a reused rollout (--num-minibatches 4 --clip-low 0.2 --clip-high 0.28), a lower --lr, or a denser reward "
+        "(partial credit on the way); an entropy bonus or a higher --temperature did worse there")
 
 
 def no_signal(stats: dict) -> bool:

@@ -9,7 +9,6 @@ weights is corrected: ``--sampler-correction``).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -42,7 +41,7 @@ class Trainer:
 
     def __init__(self, cfg: LMConfig, reward_fns, train_dataset, eval_dataset=None, reward_weights=None, env=None):
         if env is not None and cfg.env is None:  # episodes of many turns: recorded, and checked by the config
-            cfg = dataclasses.replace(cfg, env=episodes.env_name(env))
+            cfg = cfg.with_env(episodes.env_name(env))
         self.cfg, self.make_env = cfg, episodes.resolve_env(cfg, env)  # (then the env gives the rewards)
         # with an environment, reward functions (optional) add a final reward to each episode
         self.rewards = RewardSet(reward_fns, reward_weights, timeout=cfg.reward_timeout) \
