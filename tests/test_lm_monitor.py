@@ -59,7 +59,7 @@ def test_a_constant_partial_reward_is_reported_as_collapsed(tiny_lm_dir, tmp_pat
     out = capsys.readouterr().out
     (warning,) = [w for w in summary["warnings"] if "no learning signal" in w]
     assert "step 3: no learning signal for the last 3 steps" in warning and "stuck at mean reward 0.500" in warning
-    assert "--temperature" in warning and "--entropy-coef" in warning and warning in out
+    assert "--dynamic-sampling" in warning and "--clip-high 0.28" in warning and warning in out
     assert summary["learning"] == "collapsed" and summary["train/steps"] == 5
     assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == summary["warnings"]
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "health/no_signal_steps" in r]
