@@ -111,7 +111,7 @@ class LMConfig(PromptConfig):
     output_dir: str = arg("runs/lm", "where config, metrics, samples, summary, plot and checkpoints go")
     seed: int = arg(0, "random seed (prompt order, sampling, initialisation)")
     # sampling
-    max_steps: int = arg(200, "training steps (each: sample, score, update on --num-minibatches minibatches)")
+    max_steps: int = arg(200, "training steps (each: sample, score, update)")
     max_seconds: float | None = arg(None, "stop training after this many seconds (final evaluation still runs)")
     prompts_per_step: int = arg(4, "prompts per step per process")
     # 8 samples and 16 tokens: the arithmetic recipe's measured best (BENCHMARKS.md section 11); more samples
@@ -151,8 +151,8 @@ class LMConfig(PromptConfig):
     skip_zero_advantage: bool = arg(True, "leave rows whose advantage is 0 on every token out of the backward "
                                     "pass when they cannot change the gradient (no value loss, entropy or KL loss)")
     loss_agg: str = arg("token-mean", "how per-token losses reduce to a scalar", AGG_MODES)
-    # on: the best worst case of held-out gain over six tasks x three seeds, by robust_defaults.py's rule
-    # (benchmarks/, BENCHMARKS.md section 12)
+    # on: the pick of benchmarks/robust_defaults.py's rule (the best worst held-out gain, then the best mean
+    # of per-task worst gains) over six tasks x three seeds, BENCHMARKS.md section 12
     dynamic_sampling: bool = arg(True, "DAPO: groups whose rewards all agree are dropped and more prompts sampled until "
                                  "the step holds --prompts-per-step informative groups (needs --samples-per-prompt >= 2; "
                                  "left unset, off with --env or one sample per prompt)")
@@ -236,13 +236,13 @@ class LMConfig(PromptConfig):
         if self.loss_type is not None:
             apply_preset(self)
         super().__post_init__()
-        self._fit_loop_defaults()
+        self._fit_defaults()
         self._check_numbers()
         self._check_estimator()
         self._check_batches_and_outputs()
         self._check_update()
 
-    def _fit_loop_defaults(self) -> None:
+    def _fit_defaults(self) -> None:
         """Dynamic sampling, on by default (BENCHMARKS.md section 12), stays off where it is not given and
         cannot apply: episodes of many turns, and groups of one sample. A clip given below only is
         symmetric, as in PPO."""
