@@ -18,6 +18,7 @@ cannot decide); then the fewest collapsed runs. Never the best mean on one task.
     python benchmarks/robust_defaults.py --output-dir runs/robust            # the whole grid
     python benchmarks/robust_defaults.py --tasks rounding --settings former-defaults,entropy --seeds 0,1
     python benchmarks/robust_defaults.py --output-dir runs/robust --render   # the table from runs.jsonl
+    python benchmarks/robust_defaults.py --output-dir benchmarks/results/robust_defaults --render  # the published one
 
 Runs already in ``runs.jsonl`` are skipped, so a stopped grid continues where it stopped. ``--jobs
 2`` runs two at a time, each on one core; the budget is steps, so the figures do not depend on it.
