@@ -106,8 +106,7 @@ def make_trainer(model_dir: str, output_dir: str, reward=_zero, **kw):
     from pg_lm.lm.trainer import Trainer
 
     kw = {"prompts_per_step": 4, "samples_per_prompt": G, "max_new_tokens": T, "max_grad_norm": None, "lr": 1e-3,
-          "lora_r": 0, "lr_schedule": "constant", "num_minibatches": 1, "clip_low": None,
-          "dynamic_sampling": False,  # one update on the batch as sampled
+          "lora_r": 0, "lr_schedule": "constant", "dynamic_sampling": False,  # the batch as sampled
           "progress": False, "mixed_precision": "no", **kw}  # fp32: auto picks bf16 on some CPUs
     cfg = LMConfig(model=model_dir, output_dir=output_dir, **kw)
     return Trainer(cfg, [reward],

@@ -238,7 +238,7 @@ def test_update_forward_takes_the_copys_weights_with_autocasts_gradient(tiny_lm_
 def test_later_optimizer_steps_of_an_update_do_not_read_the_stale_copy(tiny_lm_dir, tmp_path, monkeypatch):
     """PPO epochs: the first optimizer step's forwards read the copy, the second's (after the weights
     moved) let autocast cast the new weights."""
-    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", lr=1e-2, ppo_epochs=2, num_minibatches=1,
+    tr = make_trainer(tiny_lm_dir, tmp_path, mixed_precision="bf16", lr=1e-2, ppo_epochs=2,
                       train_dataset=prompt_dataset(TRAIN_PROMPTS))
     batch, _ = tr.rollout()
     adv = torch.randn(batch.completion_mask.shape, generator=torch.Generator().manual_seed(0))

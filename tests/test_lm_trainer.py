@@ -122,8 +122,7 @@ def test_lora_trains_the_adapter_only_and_saves_it_alone(tiny_lm_dir, tmp_path):
 @pytest.mark.parametrize("kl_in", ["loss", "reward"])
 def test_kl_is_zero_before_the_first_update(tiny_lm_dir, tmp_path, lora_r, kl_in):
     tr = make_trainer(tiny_lm_dir, tmp_path, kl_coef=0.1, kl_in=kl_in, kl_estimator="k3" if kl_in == "loss" else "k1",
-                      lora_r=lora_r, lr=3e-2, temperature=0.8,
-                      num_minibatches=1)  # one update on the rollout: its first KL is to the reference itself
+                      lora_r=lora_r, lr=3e-2, temperature=0.8)
     assert (tr.ref is None) == (lora_r > 0)
     first = tr.train_step()
     assert abs(first["kl/ref"]) < 1e-5

@@ -133,7 +133,7 @@ def test_the_sampler_log_probs_are_the_learners_when_both_run_fp32(tiny_lm_dir, 
     ("mask", "token", 0.0),  # every token over the cap: masked out
 ])
 def test_the_correction_weighs_each_tokens_gradient(tiny_lm_dir, tmp_path, mode, level, factor):
-    tr = make_trainer(tiny_lm_dir, tmp_path / "a", max_grad_norm=None, skip_zero_advantage=False, num_minibatches=1)
+    tr = make_trainer(tiny_lm_dir, tmp_path / "a", max_grad_norm=None, skip_zero_advantage=False)
     batch, _ = tr.rollout()
     adv, _ = tr.advantages(batch)
     assert adv.abs().sum() > 0
@@ -227,8 +227,7 @@ def test_dynamic_sampling_at_its_cap_warns_and_trains_on_what_it_has(tiny_lm_dir
 
 
 def test_gspo_on_policy_has_grpos_gradient_and_differs_off_policy(tiny_lm_dir, tmp_path):
-    tr = make_trainer(tiny_lm_dir, tmp_path, loss_type="grpo", max_grad_norm=None, clip_low=None, clip_high=None,
-                      num_minibatches=1)
+    tr = make_trainer(tiny_lm_dir, tmp_path, loss_type="grpo", max_grad_norm=None, clip_low=None, clip_high=None)
     batch, _ = tr.rollout()
     adv, _ = tr.advantages(batch)
     grpo, _ = _captured_update(tr, batch, adv)

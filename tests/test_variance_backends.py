@@ -22,8 +22,7 @@ def test_the_measured_gradient_is_the_one_the_trainer_steps_with(tiny_lm_dir, tm
     """Trainer.rollout_loss's gradient on a rollout equals what update() hands the optimizer."""
     from pg_lm.lm.variance import policy_gradients
 
-    tr = make_trainer(tiny_lm_dir, tmp_path, baseline="loo", max_grad_norm=None, micro_batch_size=3,
-                      num_minibatches=1, clip_low=None)
+    tr = make_trainer(tiny_lm_dir, tmp_path, baseline="loo", max_grad_norm=None, micro_batch_size=3)
     batch, _ = tr.rollout()
     ours = policy_gradients(tr, batch, ["loo"])["loo"]
     seen = []
