@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from pg_lm.core import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, SAMPLER_CORRECTIONS
@@ -246,7 +245,7 @@ class LMConfig(PromptConfig):
         """Dynamic sampling, on by default (BENCHMARKS.md section 12), stays off where it is not given and
         cannot apply: episodes of many turns, and groups of one sample. A clip given below only is
         symmetric, as in PPO."""
-        if "dynamic_sampling" not in getattr(self, "_explicit", ()) | self.preset_fields({"loss_type": self.loss_type}):
+        if "dynamic_sampling" not in self._explicit | self.preset_fields({"loss_type": self.loss_type}):
             self.dynamic_sampling = self.dynamic_sampling and self.env is None and self.samples_per_prompt >= 2
         if self.clip_high is None and self.clip_low is not None:
             self.clip_high = self.clip_low
@@ -344,9 +343,10 @@ class LMConfig(PromptConfig):
             raise ValueError(f"--sampler-is-cap must be >= 1 (agreeing paths then get weight 1), got {self.sampler_is_cap}")
 
     def with_env(self, name: str) -> "LMConfig":
-        """This config for episodes of the environment ``name``, as if ``--env`` had been given with it."""
-        fit = {} if "dynamic_sampling" in self._explicit else {"dynamic_sampling": False}
-        return dataclasses.replace(self, env=name, **fit)
+        """This config for episodes of the environment ``name``, as if ``--env`` had been given with it:
+        built again from the fields its caller gave (``dataclasses.replace`` would give them all), so
+        that the defaults fit to the environment (:meth:`_fit_defaults`)."""
+        return type(self)(**{**{k: getattr(self, k) for k in self._explicit}, "env": name})
 
     @staticmethod
     def preset_fields(given: dict) -> set[str]:
